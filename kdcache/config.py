@@ -1,0 +1,112 @@
+"""Run settings as frozen dataclasses, validated at construction with messages that name the flag."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from kdcache.errors import ConfigError
+from kdcache.store.format import LOGIT_DTYPES
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def _positive(flag: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"{flag} must be a positive integer, got {value!r}")
+
+
+def _choice(flag: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{flag} must be one of {', '.join(allowed)}; got {value!r}")
+
+
+def _device_ok(value: str) -> bool:
+    return value in DEVICES or value.startswith("cuda:")
+
+
+@dataclass(frozen=True)
+class DumpConfig:
+    teacher: str
+    data: str
+    out: str
+    checkpoint: str | None = None
+    batch_size: int = 256
+    device: str = "auto"
+    dtype: str = "float16"
+    chunk_rows: int | None = None  # None: about 4 MiB of logits a chunk
+    num_workers: int = 0
+    overwrite: bool = False
+    resume: bool = True
+
+    def __post_init__(self) -> None:
+        _positive("--batch-size", self.batch_size)
+        if self.chunk_rows is not None:
+            _positive("--chunk-rows", self.chunk_rows)
+        if not isinstance(self.num_workers, int) or self.num_workers < 0:
+            raise ConfigError(f"--num-workers must be 0 or more, got {self.num_workers!r}")
+        _choice("--dtype", self.dtype, LOGIT_DTYPES)
+        if not _device_ok(self.device):
+            raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N; got {self.device!r}")
+
+    def capture_settings(self) -> dict[str, Any]:
+        """What is stored, normalized: the part of the config that changes the cache's content."""
+        return {"outputs": ["logits"], "dtype": self.dtype}
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    student: str
+    data: str
+    out: str
+    cache: str | None = None
+    eval_data: str | None = None
+    teacher: str | None = None  # with online=True
+    checkpoint: str | None = None  # the teacher's, with online=True
+    online: bool = False
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    temperature: float = 4.0
+    alpha: float = 0.9
+    seed: int = 0
+    device: str = "auto"
+    num_workers: int = 0
+    shuffle_buffer: int = 0  # rows; 0: two chunks
+
+    def __post_init__(self) -> None:
+        _positive("--epochs", self.epochs)
+        _positive("--batch-size", self.batch_size)
+        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
+            raise ConfigError(f"--lr must be > 0, got {self.lr!r}")
+        if not (isinstance(self.temperature, (int, float)) and self.temperature > 0):
+            raise ConfigError(f"--temperature must be > 0, got {self.temperature!r}")
+        if not (isinstance(self.alpha, (int, float)) and 0 <= self.alpha <= 1):
+            raise ConfigError(f"--alpha must be between 0 and 1, got {self.alpha!r}")
+        if not isinstance(self.num_workers, int) or self.num_workers < 0:
+            raise ConfigError(f"--num-workers must be 0 or more, got {self.num_workers!r}")
+        if not _device_ok(self.device):
+            raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N; got {self.device!r}")
+        if self.online and not self.teacher:
+            raise ConfigError("--online needs --teacher SPEC (the teacher to run live)")
+        if not self.online and not self.cache:
+            raise ConfigError("--cache PATH is required (or --online --teacher SPEC to run the teacher live)")
+        if self.teacher and not self.online:
+            raise ConfigError("--teacher is only used with --online; a cached run takes its targets from --cache")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def pick_device(device: str):
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: CUDA is not available on this machine (use --device cpu or auto)")
+    return torch.device(device)

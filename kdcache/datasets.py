@@ -1,0 +1,71 @@
+"""Built-in datasets for the demo and tests: scikit-learn's bundled 8×8 digits (no download).
+
+Specs: ``kdcache.datasets:digits_train``, ``kdcache.datasets:digits_test``, and
+``kdcache.datasets:digits_train_few_labels`` (the training split with all but 5 labels per class
+hidden, label -1: the setting where a teacher's soft targets matter most).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from kdcache.errors import SpecError
+
+SPLIT_SEED = 0
+TEST_FRACTION = 0.3
+
+
+class TensorPairs(torch.utils.data.Dataset):
+    """A map-style dataset over ``(inputs[i], labels[i])`` tensors."""
+
+    def __init__(self, inputs: torch.Tensor, labels: torch.Tensor) -> None:
+        assert len(inputs) == len(labels)
+        self.inputs, self.labels = inputs, labels
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def __getitem__(self, i: int):
+        return self.inputs[i], self.labels[i]
+
+
+def _digits() -> tuple[np.ndarray, np.ndarray]:
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise SpecError("the digits datasets need scikit-learn: pip install 'kdcache[demo]'") from None
+    x, y = load_digits(return_X_y=True)
+    return (x / 16.0).astype(np.float32), y.astype(np.int64)
+
+
+def digits_split(split: str) -> TensorPairs:
+    """A fixed stratified split (70% train, 30% test) of the 1,797 digits."""
+    x, y = _digits()
+    rng = np.random.default_rng(SPLIT_SEED)
+    test = np.zeros(len(y), dtype=bool)
+    for c in np.unique(y):
+        members = rng.permutation(np.flatnonzero(y == c))
+        test[members[: round(len(members) * TEST_FRACTION)]] = True
+    keep = test if split == "test" else ~test
+    return TensorPairs(torch.from_numpy(x[keep]), torch.from_numpy(y[keep]))
+
+
+def digits_train() -> TensorPairs:
+    return digits_split("train")
+
+
+def digits_test() -> TensorPairs:
+    return digits_split("test")
+
+
+def digits_train_few_labels(per_class: int = 5) -> TensorPairs:
+    """The training split, keeping ``per_class`` labels per class and hiding the rest (-1)."""
+    full = digits_split("train")
+    labels = torch.full_like(full.labels, -1)
+    rng = np.random.default_rng(SPLIT_SEED + 1)
+    for c in range(10):
+        members = np.flatnonzero(full.labels.numpy() == c)
+        keep = rng.choice(members, size=min(per_class, len(members)), replace=False)
+        labels[keep] = c
+    return TensorPairs(full.inputs, labels)

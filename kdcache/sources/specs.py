@@ -1,0 +1,157 @@
+"""Spec strings (a contract, see DESIGN.md):
+
+* ``package.module:attr`` — an importable object;
+* ``path/to/file.py:attr`` — an object defined in a Python file;
+* ``torchscript:PATH`` — a TorchScript archive (teacher/student only).
+
+``attr`` may be a dotted path (``module:Class.factory``). For models the object is an ``nn.Module``
+or a zero-argument factory returning one; for data it is a map-style dataset (``__len__`` and
+``__getitem__``) or a zero-argument factory returning one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import inspect
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from kdcache.errors import SpecError
+
+
+def resolve(spec: str, flag: str) -> Any:
+    """Import the object named by ``spec``; errors name ``flag`` and the spec."""
+    if not isinstance(spec, str) or ":" not in spec:
+        raise SpecError(
+            f"{flag}: expected 'package.module:attr' or 'path/to/file.py:attr', got {spec!r} instead"
+        )
+    target, _, attr = spec.rpartition(":")
+    if not target or not attr:
+        raise SpecError(f"{flag}: expected 'package.module:attr' or 'file.py:attr', got {spec!r}")
+    module = _import_file(target, flag) if target.endswith(".py") else _import_module(target, flag)
+    obj: Any = module
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise SpecError(
+                f"{flag}: {target!r} has no attribute {attr!r} (from spec {spec!r})"
+            ) from None
+    return obj
+
+
+def _import_module(name: str, flag: str):
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        raise SpecError(f"{flag}: cannot import module {name!r}: {e}") from None
+    except Exception as e:  # the user's module raised while importing
+        raise SpecError(f"{flag}: importing {name!r} failed: {type(e).__name__}: {e}") from None
+
+
+def _import_file(path: str, flag: str):
+    file = Path(path).expanduser().resolve()
+    if not file.is_file():
+        raise SpecError(f"{flag}: file {path!r} does not exist")
+    # A stable module name per file, so two specs naming one file share one module.
+    name = "_kdcache_spec_" + hashlib.sha1(str(file).encode()).hexdigest()[:12]
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, file)
+    if spec is None or spec.loader is None:
+        raise SpecError(f"{flag}: cannot load {path!r} as a Python file")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    sys.path.insert(0, str(file.parent))  # let the file import its neighbours
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:
+        del sys.modules[name]
+        raise SpecError(f"{flag}: running {path!r} failed: {type(e).__name__}: {e}") from None
+    finally:
+        sys.path.remove(str(file.parent))
+    return module
+
+
+def _call_factory(obj: Any, spec: str, flag: str) -> Any:
+    try:
+        signature = inspect.signature(obj)
+    except (TypeError, ValueError):
+        signature = None
+    if signature is not None and any(
+        p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+        for p in signature.parameters.values()
+    ):
+        raise SpecError(f"{flag}: {spec!r} is a callable that needs arguments; give a zero-argument factory")
+    try:
+        return obj()
+    except Exception as e:
+        raise SpecError(f"{flag}: calling {spec!r} failed: {type(e).__name__}: {e}") from None
+
+
+def load_module(spec: str, flag: str, checkpoint: str | None = None) -> nn.Module:
+    """Build the model named by ``spec`` (and load ``checkpoint`` into it, weights only)."""
+    if isinstance(spec, str) and spec.startswith("torchscript:"):
+        path = spec[len("torchscript:"):]
+        if not Path(path).is_file():
+            raise SpecError(f"{flag}: TorchScript file {path!r} does not exist")
+        try:
+            model = torch.jit.load(path, map_location="cpu")
+        except Exception as e:
+            raise SpecError(f"{flag}: {path!r} is not a TorchScript archive: {e}") from None
+    else:
+        obj = resolve(spec, flag)
+        model = obj if isinstance(obj, nn.Module) else None
+        if model is None and callable(obj) and not isinstance(obj, type(torch)):
+            model = _call_factory(obj, spec, flag)
+        if not isinstance(model, nn.Module):
+            got = type(model if model is not None else obj).__name__
+            raise SpecError(f"{flag}: {spec!r} is not an nn.Module or a factory returning one (got {got})")
+    if checkpoint is not None:
+        state = load_checkpoint(checkpoint)
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as e:
+            raise SpecError(f"--checkpoint {checkpoint}: does not fit {spec!r}: {e}") from None
+    return model
+
+
+def load_checkpoint(path: str) -> dict[str, torch.Tensor]:
+    """Load a state dict with ``weights_only=True``: a pickle that runs code is refused."""
+    if not Path(path).is_file():
+        raise SpecError(f"--checkpoint: file {path!r} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SpecError(
+            f"--checkpoint {path}: refused to load (only tensors and plain containers are allowed): {first}"
+        ) from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise SpecError(f"--checkpoint {path}: expected a state dict of tensors")
+    return state
+
+
+def load_dataset(spec: str, flag: str = "--data") -> Any:
+    """Resolve a map-style dataset (or a zero-argument factory returning one)."""
+    obj = resolve(spec, flag)
+    if not _is_map_style(obj) and callable(obj):
+        obj = _call_factory(obj, spec, flag)
+    if not _is_map_style(obj):
+        raise SpecError(
+            f"{flag}: {spec!r} is not a map-style dataset (needs __len__ and __getitem__), "
+            f"got {type(obj).__name__}"
+        )
+    return obj
+
+
+def _is_map_style(obj: Any) -> bool:
+    return not isinstance(obj, type) and hasattr(obj, "__len__") and hasattr(obj, "__getitem__")

@@ -1,0 +1,74 @@
+"""Where a store lives: a local path or an fsspec URL, and the few file operations kdcache needs
+besides zarr's own (commit records, Parquet parts, the lock)."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from dataclasses import dataclass, field
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+
+@dataclass
+class Location:
+    url: str
+    fs: fsspec.AbstractFileSystem = field(init=False, repr=False)
+    root: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.url = os.fspath(self.url)
+        self.fs, self.root = fsspec.core.url_to_fs(self.url)
+        self.root = self.root.rstrip("/")
+
+    @property
+    def is_local(self) -> bool:
+        return isinstance(self.fs, LocalFileSystem)
+
+    def path(self, *parts: str) -> str:
+        return "/".join([self.root, *parts])
+
+    def exists(self, *parts: str) -> bool:
+        return self.fs.exists(self.path(*parts))
+
+    def is_dir(self, *parts: str) -> bool:
+        return self.fs.isdir(self.path(*parts))
+
+    def read_bytes(self, *parts: str) -> bytes:
+        return self.fs.cat_file(self.path(*parts))
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        """Write a file so that readers see either nothing or all of it."""
+        target = self.path(rel)
+        if self.is_local:
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            tmp = f"{target}.{uuid.uuid4().hex}.tmp"
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        else:  # object stores publish a PUT whole
+            self.fs.pipe_file(target, data)
+
+    def list(self, *parts: str) -> list[str]:
+        """Base names under a folder (empty when it does not exist)."""
+        base = self.path(*parts)
+        try:
+            return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(base, detail=False))
+        except FileNotFoundError:
+            return []
+
+    def remove(self, *parts: str) -> None:
+        try:
+            self.fs.rm(self.path(*parts), recursive=True)
+        except FileNotFoundError:
+            pass
+
+    def zarr_store(self, read_only: bool = False):
+        import zarr.storage
+
+        if self.is_local:
+            return zarr.storage.LocalStore(self.root, read_only=read_only)
+        return zarr.storage.FsspecStore.from_url(self.url, read_only=read_only)

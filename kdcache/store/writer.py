@@ -1,0 +1,256 @@
+"""Writing a cache: create or resume, write whole chunks with commit records, finalize.
+
+Protocol (so a crash at any moment costs at most the chunks in flight):
+
+1. ``begin`` takes the write lock, then either starts a new store (manifest ``status: writing``),
+   resumes a partial one with the same fingerprints, or reports that an identical complete cache
+   already exists (reuse).
+2. ``create_arrays`` (one coordinator) makes every array at full size before any chunk is written.
+3. ``write_chunk`` writes one chunk's rows of every array, its Parquet part, and last its commit
+   record (row range + CRC32C per array). A chunk with no commit record is redone on resume.
+4. ``finalize`` checks every chunk has a commit record and publishes ``status: complete``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import socket
+import time
+from typing import Any
+
+import numpy as np
+
+from kdcache.errors import FingerprintMismatchError, StoreError, StoreLockedError
+from kdcache.store import format as fmt
+from kdcache.store.checksum import bytes_crc, chunk_crc
+from kdcache.store.fs import Location
+from kdcache.store.reader import committed_chunks, mismatches, read_manifest
+
+LOCK_STALE_SECONDS = 15 * 60
+
+
+class Writer:
+    def __init__(self, loc: Location, manifest: dict[str, Any], fresh: bool) -> None:
+        self.location = loc
+        self.manifest = manifest
+        self.fresh = fresh  # created by this run: removed again if the run fails on bad input
+        self._arrays: dict[str, Any] = {}
+        self._group = None
+
+    # --- opening ----------------------------------------------------------------------------------
+    @classmethod
+    def begin(cls, url: str, manifest: dict[str, Any], *, overwrite: bool, resume: bool,
+              flag: str = "--out") -> "Writer | None":
+        """Open ``url`` for writing the cache described by ``manifest``; ``None`` means reuse.
+
+        ``manifest`` carries the run's ``teacher``/``data``/``capture`` fingerprints and layout.
+        """
+        loc = Location(url)
+        existing = read_manifest(loc, what=flag)
+        fps = dict(teacher=manifest["teacher"]["sha256"], data=manifest["data"]["fingerprint"],
+                   capture=manifest["capture"]["fingerprint"])
+        if existing is not None and existing["status"] == fmt.STATUS_COMPLETE and not overwrite:
+            found = mismatches(existing, **fps)
+            if not found:
+                return None
+            raise FingerprintMismatchError(
+                f"{flag} {url!r} holds a complete cache made from something else: " + "; ".join(found)
+                + ". Pass --overwrite to replace it, or choose another path"
+            )
+        _acquire_lock(loc, flag)
+        try:
+            if existing is not None and not overwrite:
+                found = mismatches(existing, **fps)
+                if found:
+                    raise FingerprintMismatchError(
+                        f"{flag} {url!r} holds a partial dump of something else: " + "; ".join(found)
+                        + ". Pass --overwrite to start over"
+                    )
+                if not resume:
+                    raise StoreError(f"{flag} {url!r} holds a partial dump; pass --resume to continue "
+                                     "it or --overwrite to start over")
+                writer = cls(loc, existing, fresh=False)
+                writer._publish(existing)  # repairs zarr.json from the writer's copy if needed
+                return writer
+            _clear(loc)
+            manifest = {**manifest, "status": fmt.STATUS_WRITING, "created_at": fmt.now()}
+            writer = cls(loc, manifest, fresh=existing is None)
+            writer._publish(manifest, create=True)
+            return writer
+        except BaseException:
+            _release_lock(loc)
+            raise
+
+    @property
+    def rows(self) -> int:
+        return int(self.manifest["rows"])
+
+    @property
+    def chunk_rows(self) -> int:
+        return int(self.manifest["chunk_rows"])
+
+    @property
+    def num_chunks(self) -> int:
+        return fmt.num_chunks(self.rows, self.chunk_rows)
+
+    def pending_chunks(self) -> list[int]:
+        done = set(committed_chunks(self.location))
+        return [c for c in range(self.num_chunks) if c not in done]
+
+    # --- arrays -----------------------------------------------------------------------------------
+    def create_arrays(self, specs: dict[str, dict[str, Any]]) -> None:
+        """Create every array at full size (or check the existing ones match, when resuming)."""
+        existing = self.manifest.get("arrays")
+        if existing:
+            if existing != specs:
+                raise StoreError(
+                    f"{self.location.url!r}: the partial dump has arrays {existing}, this run makes {specs}; "
+                    "pass --overwrite to start over"
+                )
+            return
+        group = self._open_group()
+        for name, spec in specs.items():
+            attrs = {"logical_dtype": spec["logical_dtype"]} if "logical_dtype" in spec else {}
+            group.create_array(
+                name, shape=tuple(spec["shape"]), dtype=spec["dtype"],
+                chunks=(self.chunk_rows, *spec["shape"][1:]), compressors=None, filters=None,
+                fill_value=0, config={"write_empty_chunks": True}, attributes=attrs, overwrite=True,
+            )
+        self._publish({**self.manifest, "arrays": specs})
+
+    def write_chunk(self, chunk: int, arrays: dict[str, np.ndarray], meta) -> None:
+        """Write one whole chunk of every array, its Parquet part, then its commit record."""
+        import pyarrow.parquet as pq
+
+        start, stop = fmt.chunk_bounds(chunk, self.rows, self.chunk_rows)
+        crcs: dict[str, int] = {}
+        for name, data in arrays.items():
+            if data.shape[0] != stop - start:
+                raise ValueError(f"chunk {chunk} of {name!r}: {data.shape[0]} rows, expected {stop - start}")
+            self._array(name)[start:stop] = data
+            crcs[name] = chunk_crc(data, self.chunk_rows)
+        buf = io.BytesIO()
+        pq.write_table(meta, buf, row_group_size=max(len(meta), 1), compression="zstd")
+        part = buf.getvalue()
+        self.location.write_bytes(fmt.meta_part_name(chunk), part)
+        crcs[fmt.META_DIR] = bytes_crc(part)
+        record = {"chunk": chunk, "rows": [start, stop], "crc32c": crcs}
+        self.location.write_bytes(fmt.commit_name(chunk), json.dumps(record, sort_keys=True).encode())
+
+    def finalize(self) -> dict[str, Any]:
+        """Publish ``status: complete`` once every chunk is committed; release the lock."""
+        missing = self.pending_chunks()
+        if missing:
+            raise StoreError(f"{self.location.url!r}: chunks {missing[:10]} have no commit record; cannot complete")
+        manifest = {**self.manifest, "status": fmt.STATUS_COMPLETE, "completed_at": fmt.now()}
+        self._publish(manifest)
+        self.close()
+        return manifest
+
+    def close(self) -> None:
+        _release_lock(self.location)
+
+    def discard(self) -> None:
+        """Remove a store this run created (after bad input); a resumed store is kept as it was."""
+        if self.fresh:
+            self.location.remove()
+        else:
+            self.close()
+
+    # --- internals --------------------------------------------------------------------------------
+    def _open_group(self):
+        import zarr
+
+        if self._group is None:
+            self._group = zarr.open_group(self.location.zarr_store(), mode="a")
+        return self._group
+
+    def _array(self, name: str):
+        if name not in self._arrays:
+            self._arrays[name] = self._open_group()[name]
+        return self._arrays[name]
+
+    def _publish(self, manifest: dict[str, Any], create: bool = False) -> None:
+        """Write the manifest: the writer's copy first, then the group attribute readers use."""
+        import zarr
+
+        manifest = {**manifest, "updated_at": fmt.now()}
+        self.location.write_bytes(fmt.MANIFEST_COPY, json.dumps(manifest, indent=1).encode())
+        if create:
+            self._group = zarr.open_group(self.location.zarr_store(), mode="w")
+        self._open_group().attrs[fmt.MANIFEST_ATTR] = manifest
+        self.manifest = manifest
+
+
+def _clear(loc: Location) -> None:
+    """Empty a store folder, keeping the lock this run holds."""
+    for name in loc.list():
+        if name == fmt.INTERNAL_DIR:
+            for inner in loc.list(fmt.INTERNAL_DIR):
+                if f"{fmt.INTERNAL_DIR}/{inner}" != fmt.LOCK_FILE:
+                    loc.remove(fmt.INTERNAL_DIR, inner)
+        else:
+            loc.remove(name)
+
+
+# --- the write lock -------------------------------------------------------------------------------
+def _lock_owner() -> dict[str, Any]:
+    return {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
+
+
+def _acquire_lock(loc: Location, flag: str) -> None:
+    """Take ``_kdcache/lock.json``; a lock is stale when its process is gone (same host) or when it
+    is older than ``LOCK_STALE_SECONDS`` on another host."""
+    owner = json.dumps(_lock_owner()).encode()
+    path = loc.path(fmt.LOCK_FILE)
+    for _ in range(2):
+        if loc.is_local:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                pass
+            else:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(owner)
+                return
+        elif not loc.exists(fmt.LOCK_FILE):  # object stores: best effort, no atomic create
+            loc.write_bytes(fmt.LOCK_FILE, owner)
+            return
+        try:
+            held = json.loads(loc.read_bytes(fmt.LOCK_FILE))
+        except (FileNotFoundError, ValueError):
+            held = {}
+        if not _is_stale(held):
+            age = time.time() - float(held.get("since", time.time()))
+            raise StoreLockedError(
+                f"{flag} {loc.url!r} is being written by another dump (pid {held.get('pid')} on "
+                f"{held.get('host')}, for {age:.0f} s); wait for it, or remove {path} if that process is gone"
+            )
+        loc.remove(fmt.LOCK_FILE)
+    raise StoreLockedError(f"{flag} {loc.url!r}: could not take the write lock {path}")
+
+
+def _is_stale(held: dict[str, Any]) -> bool:
+    if not held:
+        return True  # torn lock file: its writer died while writing it
+    if held.get("host") == socket.gethostname():
+        try:
+            os.kill(int(held["pid"]), 0)
+        except ProcessLookupError:
+            return True
+        except (PermissionError, ValueError, KeyError):
+            return False
+        return False
+    return time.time() - float(held.get("since", 0)) > LOCK_STALE_SECONDS
+
+
+def _release_lock(loc: Location) -> None:
+    try:
+        held = json.loads(loc.read_bytes(fmt.LOCK_FILE))
+    except (FileNotFoundError, ValueError):
+        return
+    if held.get("pid") == os.getpid() and held.get("host") == socket.gethostname():
+        loc.remove(fmt.LOCK_FILE)
