@@ -64,7 +64,7 @@ class TrainConfig:
     out: str
     cache: str | None = None
     eval_data: str | None = None
-    teacher: str | None = None  # with online=True
+    teacher: str | None = None  # online: run it live; cached: assert the cache was made by it
     checkpoint: str | None = None  # the teacher's, with online=True
     online: bool = False
     epochs: int = 10
@@ -95,8 +95,6 @@ class TrainConfig:
             raise ConfigError("--online needs --teacher SPEC (the teacher to run live)")
         if not self.online and not self.cache:
             raise ConfigError("--cache PATH is required (or --online --teacher SPEC to run the teacher live)")
-        if self.teacher and not self.online:
-            raise ConfigError("--teacher is only used with --online; a cached run takes its targets from --cache")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
