@@ -1,0 +1,188 @@
+"""The ``kdcache`` command line: dump, train, info, verify.
+
+Every command takes ``--config FILE.toml`` (any flag as a key; flags override the file). Bad input
+prints one line naming the flag, file or row at fault and exits non-zero, without a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from kdcache.cliconfig import merged_params, require
+from kdcache.errors import KDCacheError
+
+app = typer.Typer(
+    name="kdcache",
+    help="Offline soft-target caching for knowledge distillation: run the teacher once, train many students.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+err = Console(stderr=True)
+out = Console(soft_wrap=True)
+
+ConfigOpt = typer.Option(None, "--config", help="TOML file holding any of these flags; flags given here win.",
+                         dir_okay=False)
+DeviceOpt = typer.Option("auto", help="auto (CUDA when available), cpu, cuda or cuda:N.")
+QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bar.")
+
+
+def friendly(fn):
+    """Turn kdcache's input errors into one red line and an exit code; ^C into exit 130."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except KDCacheError as e:
+            err.print(f"[bold red]error:[/] {e}", highlight=False, markup=True, soft_wrap=True)
+            raise typer.Exit(e.exit_code) from None
+        except KeyboardInterrupt:
+            err.print("interrupted: committed chunks are kept; run the same command again to resume")
+            raise typer.Exit(130) from None
+    return wrapper
+
+
+@app.command()
+@friendly
+def dump(
+    ctx: typer.Context,
+    teacher: Optional[str] = typer.Option(None, help="Teacher spec: pkg.module:attr, file.py:attr or torchscript:PATH."),
+    data: Optional[str] = typer.Option(None, help="Dataset spec: pkg.module:attr or file.py:attr (map-style dataset or factory)."),
+    out_: Optional[str] = typer.Option(None, "--out", help="Cache path (local folder or fsspec URL)."),
+    checkpoint: Optional[str] = typer.Option(None, help="State dict for the teacher, loaded with weights_only=True."),
+    batch_size: int = typer.Option(256, help="Rows per teacher forward."),
+    device: str = DeviceOpt,
+    dtype: str = typer.Option("float16", help="Logit storage dtype: float16, bfloat16 or float32."),
+    chunk_rows: Optional[int] = typer.Option(None, help="Rows per chunk (default: about 4 MiB of logits)."),
+    num_workers: int = typer.Option(0, help="DataLoader worker processes (0: a loader thread)."),
+    overwrite: bool = typer.Option(False, help="Replace an existing cache at --out."),
+    resume: bool = typer.Option(True, help="Continue a partial dump at --out from its last committed chunk."),
+    quiet: bool = QuietOpt,
+    config: Optional[Path] = ConfigOpt,
+):
+    """Run the teacher once over the data and write its outputs to a cache."""
+    from kdcache.capture.dump import dump as run_dump
+    from kdcache.config import DumpConfig
+
+    p = merged_params(ctx, config)
+    p["out"] = p.pop("out_")
+    quiet = p.pop("quiet")
+    require(p, "teacher", "data", "out")
+    result = run_dump(DumpConfig(**p), progress=not quiet)
+    if result.action == "reuse":
+        err.print(f"{result.path}: a complete cache with the same teacher, data and capture fingerprints "
+                  "is already there; reusing it (pass --overwrite to recompute)")
+    else:
+        verb = "resumed" if result.action == "resume" else "wrote"
+        err.print(f"{verb} {result.path}: {result.rows_computed:,} of {result.rows:,} rows computed "
+                  f"in {result.seconds:.1f} s")
+
+
+@app.command()
+@friendly
+def train(
+    ctx: typer.Context,
+    cache: Optional[str] = typer.Option(None, help="Cache made by `kdcache dump`."),
+    student: Optional[str] = typer.Option(None, help="Student spec: pkg.module:attr, file.py:attr or torchscript:PATH."),
+    data: Optional[str] = typer.Option(None, help="The dataset the cache was dumped from (inputs are joined by index)."),
+    out_: Optional[str] = typer.Option(None, "--out", help="Run directory: metrics.jsonl, student.pt, summary.json."),
+    eval_data: Optional[str] = typer.Option(None, help="Labelled dataset spec to report accuracy on after each epoch."),
+    epochs: int = typer.Option(10),
+    batch_size: int = typer.Option(64),
+    lr: float = typer.Option(1e-3, help="AdamW learning rate."),
+    weight_decay: float = typer.Option(0.01, help="AdamW weight decay."),
+    temperature: float = typer.Option(4.0, "--temperature", "-T", help="Distillation temperature T."),
+    alpha: float = typer.Option(0.9, help="Weight of the soft term: (1-α)·CE + α·T²·KL."),
+    seed: int = typer.Option(0, help="Seeds the student's initial weights and the sample order."),
+    device: str = DeviceOpt,
+    num_workers: int = typer.Option(0, help="DataLoader worker processes."),
+    shuffle_buffer: int = typer.Option(0, help="Rows shuffled together (0: two chunks)."),
+    online: bool = typer.Option(False, help="Run --teacher live instead of reading targets (for comparison)."),
+    teacher: Optional[str] = typer.Option(None, help="With --online, the live teacher; otherwise checked against the cache's fingerprint."),
+    checkpoint: Optional[str] = typer.Option(None, help="State dict for --teacher (weights_only=True)."),
+    overwrite: bool = typer.Option(False, help="Replace a finished run in --out."),
+    quiet: bool = QuietOpt,
+    config: Optional[Path] = ConfigOpt,
+):
+    """Train a student from a cache (the teacher does not run)."""
+    from kdcache.config import TrainConfig
+    from kdcache.train import train as run_train
+
+    p = merged_params(ctx, config)
+    p["out"] = p.pop("out_")
+    quiet, overwrite = p.pop("quiet"), p.pop("overwrite")
+    require(p, "student", "data", "out")
+    summary = run_train(TrainConfig(**p), progress=not quiet, overwrite=overwrite)
+    final = summary["final"]
+    line = f"trained {summary['epochs']} epochs in {summary['seconds']:.1f} s: train_loss {final['train_loss']:.4f}"
+    if summary.get("eval_accuracy") is not None:
+        line += f", eval_accuracy {summary['eval_accuracy']:.4f}"
+    err.print(line + f" → {p['out']}")
+
+
+@app.command()
+@friendly
+def info(
+    path: str = typer.Argument(..., help="Cache path or URL."),
+    as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON."),
+):
+    """Show a cache's manifest, arrays (shape, dtype, bytes) and bytes per sample."""
+    from kdcache.store.info import describe
+
+    d = describe(path)
+    if as_json:
+        print(json.dumps(d, indent=2))
+        return
+    m = d["manifest"]
+    out.print(f"[bold]{path}[/]  status [bold]{m['status']}[/]  rows {d['committed_rows']:,}/{m['rows']:,} committed"
+              f"  chunks of {m['chunk_rows']:,} rows", highlight=False)
+    out.print(f"teacher  {m['teacher']['spec']}  sha256 {m['teacher']['sha256'][:16]}", highlight=False)
+    out.print(f"data     {m['data']['spec']}  length {m['data']['length']:,}  fingerprint {m['data']['fingerprint'][:16]}",
+              highlight=False)
+    capture = {k: v for k, v in m["capture"].items() if k != "fingerprint"}
+    out.print(f"capture  {json.dumps(capture)}  fingerprint {m['capture']['fingerprint'][:16]}", highlight=False)
+    table = Table("array", "shape", "dtype", "bytes")
+    for name, a in d["arrays"].items():
+        table.add_row(name, str(tuple(a["shape"])) if a.get("shape") else "", a.get("logical_dtype") or a.get("dtype", ""),
+                      f"{a['bytes']:,}")
+    out.print(table)
+    out.print(f"total {d['bytes']:,} bytes, {d['bytes_per_sample']:.1f} bytes per sample", highlight=False)
+
+
+@app.command()
+@friendly
+def verify(
+    path: str = typer.Argument(..., help="Cache path or URL."),
+    quiet: bool = QuietOpt,
+):
+    """Recompute every chunk's checksum; exit 1 if any chunk is corrupted or missing."""
+    from kdcache.progress import progress_bar
+    from kdcache.store.verify import open_for_verify, verify as run_verify
+
+    cache = open_for_verify(path)
+    with progress_bar("chunks", not quiet) as bar:
+        task = bar.add_task("verify", total=cache.num_chunks)
+        report = run_verify(cache, on_chunk=lambda _: bar.advance(task))
+    for problem in report.problems:
+        err.print(f"[red]bad[/] {problem}", highlight=False)
+    pending = f", {report.pending} not yet committed (status {cache.manifest['status']})" if report.pending else ""
+    if report.problems:
+        err.print(f"{path}: {len(report.problems)} problem(s) in {report.chunks} committed chunks{pending}")
+        raise typer.Exit(1)
+    err.print(f"{path}: ok, {report.chunks} chunks, {report.bytes:,} bytes checked{pending}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
