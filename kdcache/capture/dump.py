@@ -83,7 +83,8 @@ def dump(cfg: DumpConfig, progress: bool = True) -> DumpResult:
     with torch.inference_mode():
         classes = _teacher_logits(teacher, inputs0, device, 0, 1).shape[1]
     row_bytes = fmt.storage_dtype(cfg.dtype).itemsize * classes
-    manifest["chunk_rows"] = cfg.chunk_rows or fmt.default_chunk_rows(row_bytes)
+    # A small dataset gets one chunk of its own size: zarr pads the last chunk to full size.
+    manifest["chunk_rows"] = cfg.chunk_rows or min(fmt.default_chunk_rows(row_bytes), rows)
 
     writer = Writer.begin(cfg.out, manifest, overwrite=cfg.overwrite, resume=cfg.resume)
     if writer is None:

@@ -1,0 +1,161 @@
+"""`kdcache train`: a student from cached teacher targets (or, with ``online``, a live teacher).
+
+The loop reads top to bottom: batch → student forward → loss → step, then per epoch an evaluation,
+one line of metrics.jsonl, and at the end student.pt and summary.json. The cached and the online
+run share the loader, so with the same seed they see the same batches in the same order.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, default_collate
+
+import kdcache
+from kdcache.capture.outputs import call_model, extract_logits
+from kdcache.config import TrainConfig, pick_device
+from kdcache.errors import ConfigError, DataError
+from kdcache.fingerprint import teacher_digest
+from kdcache.loader import CacheDataset, DatasetRows, make_loader
+from kdcache.losses import kd_loss
+from kdcache.progress import progress_bar
+from kdcache.sources import load_dataset, load_module, split_item
+
+
+def train(cfg: TrainConfig, progress: bool = True, overwrite: bool = False) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    out = _prepare_out(cfg.out, overwrite)
+    device = pick_device(cfg.device)
+    data = load_dataset(cfg.data, "--data")
+    eval_data = load_dataset(cfg.eval_data, "--eval-data") if cfg.eval_data else None
+
+    cache = kdcache.open(cfg.cache) if cfg.cache else None
+    teacher = None
+    if cfg.teacher:
+        teacher = load_module(cfg.teacher, "--teacher", cfg.checkpoint).eval().requires_grad_(False)
+        if cache is not None and not cfg.online:  # a cached run names its teacher: refuse a stale cache
+            cache.check(teacher=teacher_digest(teacher))
+            teacher = None
+        else:
+            teacher = teacher.to(device)
+    source = cache if cache is not None else DatasetRows(len(data))
+    dataset = CacheDataset(source, data, batch_size=cfg.batch_size, seed=cfg.seed,
+                           shuffle_buffer=cfg.shuffle_buffer, targets=() if cfg.online else ("logits",))
+    loader = make_loader(dataset, num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
+
+    torch.manual_seed(cfg.seed)  # the student's initial weights depend on the seed only
+    student = load_module(cfg.student, "--student").to(device)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    metrics_path = out / "metrics.jsonl"
+    metrics_path.write_text("")
+    history = []
+    bar = progress_bar("batches", progress)
+    with bar:
+        for epoch in range(cfg.epochs):
+            dataset.set_epoch(epoch)
+            task = bar.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=len(dataset))
+            student.train()
+            epoch_t0, loss_sum, seen = time.perf_counter(), 0.0, 0
+            for batch in loader:
+                x = _to(batch["input"], device)  # (B, ...)
+                y = batch["label"].to(device, non_blocking=True)  # (B,)
+                if teacher is not None:
+                    with torch.no_grad():
+                        t = extract_logits(call_model(teacher, x), len(y))  # (B, C)
+                else:
+                    t = batch["logits"].to(device, non_blocking=True)  # (B, C)
+                s = extract_logits(call_model(student, x), len(y), "--student")  # (B, C)
+                loss = kd_loss(s, t, y, temperature=cfg.temperature, alpha=cfg.alpha)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                loss_sum += loss.item() * len(y)
+                seen += len(y)
+                bar.advance(task)
+            record = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1), "rows": seen,
+                      "seconds": round(time.perf_counter() - epoch_t0, 4)}
+            if eval_data is not None:
+                record.update(evaluate(student, eval_data, device, cfg.batch_size))
+            history.append(record)
+            with metrics_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    _atomic_save(student.state_dict(), out / "student.pt")
+    summary = {
+        "epochs": cfg.epochs,
+        "seconds": round(time.perf_counter() - t0, 3),
+        "final": history[-1],
+        "eval_accuracy": history[-1].get("eval_accuracy"),
+        "mode": "online" if cfg.online else "cached",
+        "cache": cfg.cache,
+        "fingerprints": _fingerprints(cache),
+        "student_parameters": sum(p.numel() for p in student.parameters()),
+        "device": str(device),
+        "config": cfg.to_dict(),
+        "versions": {"kdcache": kdcache.__version__, "torch": torch.__version__},
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, data, device: torch.device, batch_size: int = 256) -> dict[str, float]:
+    """Accuracy and cross-entropy over the labelled items of ``data``."""
+    model.eval()
+    loader = DataLoader(range(len(data)), batch_size=batch_size, collate_fn=lambda ix: _collate_items(data, ix))
+    correct = total = 0
+    ce = 0.0
+    for x, y in loader:
+        logits = extract_logits(call_model(model, _to(x, device)), len(y), "--student").float()
+        y = y.to(device)
+        keep = y >= 0
+        correct += (logits.argmax(-1)[keep] == y[keep]).sum().item()
+        ce += torch.nn.functional.cross_entropy(logits[keep], y[keep], reduction="sum").item()
+        total += keep.sum().item()
+    model.train()
+    if total == 0:
+        raise DataError("--eval-data: no item has a label; evaluation needs labels")
+    return {"eval_accuracy": correct / total, "eval_loss": ce / total}
+
+
+def _collate_items(data, indices):
+    inputs, labels = zip(*(split_item(data[i], i, "--eval-data") for i in indices))
+    return default_collate(list(inputs)), torch.tensor(labels, dtype=torch.int64)
+
+
+def _to(x: Any, device: torch.device) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x.to(device, non_blocking=True)
+    if isinstance(x, dict):
+        return {k: _to(v, device) for k, v in x.items()}
+    return x
+
+
+def _fingerprints(cache) -> dict[str, Any] | None:
+    if cache is None:
+        return None
+    m = cache.manifest
+    return {"teacher": m["teacher"]["sha256"], "data": m["data"]["fingerprint"], "capture": m["capture"]["fingerprint"]}
+
+
+def _prepare_out(out: str, overwrite: bool) -> Path:
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"--out {out!r} is a file; give a directory for metrics.jsonl, student.pt, summary.json")
+    if (path / "summary.json").exists() and not overwrite:
+        raise ConfigError(f"--out {out!r} already holds a finished run (summary.json); pass --overwrite or choose another directory")
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "summary.json").unlink(missing_ok=True)
+    return path
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
