@@ -64,7 +64,7 @@ def test_duckdb_queries_the_meta_table(digits_cache):
     n, wrong = duckdb.sql(
         f"select count(*), sum(case when teacher_top1 <> label then 1 else 0 end) "
         f"from read_parquet('{digits_cache}/meta.parquet/*.parquet')"
-    ).fetchone()
+    ).fetchall()[0]
     assert n == 1258 and 0 <= wrong < 1258
 
 
