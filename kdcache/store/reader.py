@@ -36,6 +36,8 @@ def read_manifest(loc: Location, what: str = "cache") -> dict[str, Any] | None:
     if "zarr.json" not in names:
         if fmt.INTERNAL_DIR in names and loc.exists(fmt.MANIFEST_COPY):
             return _parse(loc, fmt.MANIFEST_COPY, what, copy=True)
+        if names == [fmt.INTERNAL_DIR] and all(n.startswith("lock.json") for n in loc.list(fmt.INTERNAL_DIR)):
+            return None  # only a write lock: a dump took it and died before writing its manifest
         raise NotAStoreError(f"{what} {loc.url!r} exists and is not a kdcache store (no zarr.json)")
     try:
         manifest = _parse(loc, "zarr.json", what)
@@ -168,16 +170,21 @@ class Cache:
             ok[name] = False
             if not self.location.is_local or not os.path.exists(meta_path):
                 continue
-            with open(meta_path) as f:
-                meta = json.load(f)
-            codecs = meta.get("codecs", [])
-            ok[name] = (
-                len(codecs) == 1 and codecs[0].get("name") == "bytes"
-                and codecs[0].get("configuration", {}).get("endian", "little") == "little"
-                and meta.get("chunk_key_encoding", {}).get("name") == "default"
-                and meta["chunk_grid"]["configuration"]["chunk_shape"][0] == self.chunk_rows
-                and list(meta["chunk_grid"]["configuration"]["chunk_shape"][1:]) == list(meta["shape"][1:])
-            )
+            try:
+                with open(meta_path) as f:
+                    meta = json.load(f)
+                codecs = meta.get("codecs", [])
+                ok[name] = (
+                    len(codecs) == 1 and codecs[0].get("name") == "bytes"
+                    and codecs[0].get("configuration", {}).get("endian", "little") == "little"
+                    and meta.get("chunk_key_encoding", {}).get("name") == "default"
+                    and meta["chunk_grid"]["configuration"]["chunk_shape"][0] == self.chunk_rows
+                    and list(meta["chunk_grid"]["configuration"]["chunk_shape"][1:]) == list(meta["shape"][1:])
+                )
+            except (OSError, ValueError, LookupError, TypeError, AttributeError):
+                # A damaged zarr.json: leave that array to zarr, which reports it; the other arrays
+                # still read (and verify) directly.
+                ok[name] = False
         return ok
 
     def chunk_path(self, name: str, chunk: int) -> str:

@@ -42,6 +42,7 @@ class Report:
 def verify(cache: Cache, on_chunk=None) -> Report:
     """Check every chunk of every array and every Parquet part against the commit records."""
     report = Report()
+    _check_group_metadata(cache, report)
     _check_array_metadata(cache, report)
     for chunk in range(cache.num_chunks):
         _verify_chunk(cache, chunk, report)
@@ -82,6 +83,23 @@ def _verify_chunk(cache: Cache, chunk: int, report: Report) -> None:
         elif actual != expected:
             report.problems.append(
                 Problem(name, chunk, rows, f"checksum mismatch (recorded {expected:08x}, found {actual:08x})"))
+
+
+def _check_group_metadata(cache: Cache, report: Report) -> None:
+    """The group's zarr.json: kdcache falls back on its manifest copy, zarr and dask cannot."""
+    what = None
+    try:
+        doc = json.loads(cache.location.read_bytes("zarr.json"))
+    except FileNotFoundError:
+        what = "group metadata (zarr.json) is missing"
+    except (ValueError, UnicodeDecodeError):
+        what = "group metadata (zarr.json) is not valid JSON"
+    else:
+        attrs = doc.get("attributes") if isinstance(doc, dict) else None
+        if not isinstance(attrs, dict) or not isinstance(attrs.get(fmt.MANIFEST_ATTR), dict):
+            what = f"group metadata (zarr.json) has no {fmt.MANIFEST_ATTR!r} manifest"
+    if what:
+        report.problems.append(Problem("(group)", -1, (0, cache.rows), what))
 
 
 def _check_array_metadata(cache: Cache, report: Report) -> None:

@@ -16,8 +16,10 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import socket
 import time
+import uuid
 from typing import Any
 
 import numpy as np
@@ -48,19 +50,30 @@ class Writer:
         ``manifest`` carries the run's ``teacher``/``data``/``capture`` fingerprints and layout.
         """
         loc = Location(url)
-        existing = read_manifest(loc, what=flag)
         fps = dict(teacher=manifest["teacher"]["sha256"], data=manifest["data"]["fingerprint"],
                    capture=manifest["capture"]["fingerprint"])
-        if existing is not None and existing["status"] == fmt.STATUS_COMPLETE and not overwrite:
+
+        def reusable(existing: dict[str, Any] | None) -> bool:
+            if existing is None or existing["status"] != fmt.STATUS_COMPLETE or overwrite:
+                return False
             found = mismatches(existing, **fps)
-            if not found:
-                return None
-            raise FingerprintMismatchError(
-                f"{flag} {url!r} holds a complete cache made from something else: " + "; ".join(found)
-                + ". Pass --overwrite to replace it, or choose another path"
-            )
+            if found:
+                raise FingerprintMismatchError(
+                    f"{flag} {url!r} holds a complete cache made from something else: " + "; ".join(found)
+                    + ". Pass --overwrite to replace it, or choose another path"
+                )
+            return True
+
+        if reusable(read_manifest(loc, what=flag)):
+            _break_stale_lock(loc)  # left by a dump killed after it published `complete`
+            return None
         _acquire_lock(loc, flag)
         try:
+            # Read again under the lock: another dump may have finished (or changed it) meanwhile.
+            existing = read_manifest(loc, what=flag)
+            if reusable(existing):
+                _release_lock(loc)
+                return None
             if existing is not None and not overwrite:
                 found = mismatches(existing, **fps)
                 if found:
@@ -71,8 +84,10 @@ class Writer:
                 if not resume:
                     raise StoreError(f"{flag} {url!r} holds a partial dump; pass --resume to continue "
                                      "it or --overwrite to start over")
+                _sweep_leftovers(loc)
                 writer = cls(loc, existing, fresh=False)
-                writer._publish(existing)  # repairs zarr.json from the writer's copy if needed
+                writer._repair_group_metadata()
+                writer._publish(existing)  # puts the manifest back into zarr.json from the writer's copy
                 return writer
             _clear(loc)
             manifest = {**manifest, "status": fmt.STATUS_WRITING, "created_at": fmt.now()}
@@ -172,6 +187,20 @@ class Writer:
             self._arrays[name] = self._open_group()[name]
         return self._arrays[name]
 
+    def _repair_group_metadata(self) -> None:
+        """Replace a damaged group zarr.json (the manifest was read from the writer's copy) with a bare
+        group, so zarr can open it; ``_publish`` then writes the manifest attribute back."""
+        try:
+            doc = json.loads(self.location.read_bytes("zarr.json"))
+            if isinstance(doc, dict) and doc.get("zarr_format") == 3 and doc.get("node_type") == "group":
+                return
+        except FileNotFoundError:
+            return  # opening the group creates it
+        except (ValueError, UnicodeDecodeError):
+            pass
+        bare = {"zarr_format": 3, "node_type": "group", "attributes": {}}
+        self.location.write_bytes("zarr.json", json.dumps(bare).encode())
+
     def _publish(self, manifest: dict[str, Any], create: bool = False) -> None:
         """Write the manifest: the writer's copy first, then the group attribute readers use."""
         import zarr
@@ -179,17 +208,21 @@ class Writer:
         manifest = {**manifest, "updated_at": fmt.now()}
         self.location.write_bytes(fmt.MANIFEST_COPY, json.dumps(manifest, indent=1).encode())
         if create:
-            self._group = zarr.open_group(self.location.zarr_store(), mode="w")
+            # mode "a", not "w": "w" empties the whole folder, our lock and manifest copy included.
+            # The folder was emptied (but for the lock) by ``_clear``, so this makes a new group.
+            self._group = zarr.open_group(self.location.zarr_store(), mode="a")
         self._open_group().attrs[fmt.MANIFEST_ATTR] = manifest
         self.manifest = manifest
 
 
 def _clear(loc: Location) -> None:
-    """Empty a store folder, keeping the lock this run holds."""
+    """Empty a store folder, keeping the lock this run holds (and the temporary files of other
+    dumps trying to take it, which are about to be refused)."""
+    lock_name = fmt.LOCK_FILE.rsplit("/", 1)[-1]
     for name in loc.list():
         if name == fmt.INTERNAL_DIR:
             for inner in loc.list(fmt.INTERNAL_DIR):
-                if f"{fmt.INTERNAL_DIR}/{inner}" != fmt.LOCK_FILE:
+                if not inner.startswith(lock_name):
                     loc.remove(fmt.INTERNAL_DIR, inner)
         else:
             loc.remove(name)
@@ -201,56 +234,147 @@ def _lock_owner() -> dict[str, Any]:
 
 
 def _acquire_lock(loc: Location, flag: str) -> None:
-    """Take ``_kdcache/lock.json``; a lock is stale when its process is gone (same host) or when it
-    is older than ``LOCK_STALE_SECONDS`` on another host."""
+    """Take ``_kdcache/lock.json``; a lock is stale when its process is gone (same host), when it
+    is older than ``LOCK_STALE_SECONDS`` on another host, or when it is empty or unreadable."""
     owner = json.dumps(_lock_owner()).encode()
     path = loc.path(fmt.LOCK_FILE)
-    for _ in range(2):
-        if loc.is_local:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            try:
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                pass
-            else:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(owner)
-                return
-        elif not loc.exists(fmt.LOCK_FILE):  # object stores: best effort, no atomic create
-            loc.write_bytes(fmt.LOCK_FILE, owner)
+    for _ in range(3):
+        if _create_lock(loc, owner):
             return
         try:
-            held = json.loads(loc.read_bytes(fmt.LOCK_FILE))
-        except (FileNotFoundError, ValueError):
-            held = {}
+            raw = loc.read_bytes(fmt.LOCK_FILE)
+        except FileNotFoundError:
+            continue  # released meanwhile: try again
+        held = _parse_lock(raw)
         if not _is_stale(held):
-            age = time.time() - float(held.get("since", time.time()))
+            since = held.get("since")
+            age = f", for {time.time() - since:.0f} s" if isinstance(since, (int, float)) else ""
             raise StoreLockedError(
                 f"{flag} {loc.url!r} is being written by another dump (pid {held.get('pid')} on "
-                f"{held.get('host')}, for {age:.0f} s); wait for it, or remove {path} if that process is gone"
+                f"{held.get('host')}{age}); wait for it, or remove {path} if that process is gone"
             )
-        loc.remove(fmt.LOCK_FILE)
+        _break_lock(loc, raw)
     raise StoreLockedError(f"{flag} {loc.url!r}: could not take the write lock {path}")
+
+
+def _create_lock(loc: Location, owner: bytes) -> bool:
+    """Create the lock file holding ``owner``; ``False`` if a lock file exists."""
+    if not loc.is_local:  # object stores: best effort, no atomic create
+        if loc.exists(fmt.LOCK_FILE):
+            return False
+        loc.write_bytes(fmt.LOCK_FILE, owner)
+        return True
+    path = loc.path(fmt.LOCK_FILE)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    # Write the owner to a private file, then hard-link it into place: the link fails when a lock
+    # exists, and the lock appears with its content. (Created empty and then written, a live
+    # dump's lock could be read empty, taken for a torn one, and broken.)
+    tmp = f"{path}.{uuid.uuid4().hex}{_LOCK_TMP}"
+    with open(tmp, "wb") as f:
+        f.write(owner)
+        f.flush()
+        os.fsync(f.fileno())
+    try:
+        os.link(tmp, path)
+        return True
+    except (FileExistsError, FileNotFoundError):  # held; or the folder was just emptied: look again
+        return False
+    except OSError:  # a file system without hard links: exclusive create, then write
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "wb") as f:
+            f.write(owner)
+        return True
+    finally:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+
+
+def _parse_lock(raw: bytes) -> dict[str, Any]:
+    try:
+        held = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        return {}
+    return held if isinstance(held, dict) else {}
+
+
+def _break_lock(loc: Location, stale: bytes) -> None:
+    """Remove a lock judged stale from its content ``stale``, unless another dump replaced it since."""
+    if not loc.is_local:
+        loc.remove(fmt.LOCK_FILE)
+        return
+    path = loc.path(fmt.LOCK_FILE)
+    aside = f"{path}.{uuid.uuid4().hex}{_LOCK_TMP}"
+    try:
+        os.rename(path, aside)  # atomic: of two dumps breaking the same stale lock, one moves it
+    except FileNotFoundError:
+        return
+    try:
+        with open(aside, "rb") as f:
+            moved = f.read()
+        if moved != stale:  # a live dump took the lock over meanwhile: give it back
+            try:
+                os.link(aside, path)
+            except FileExistsError:
+                pass
+    finally:
+        os.unlink(aside)
+
+
+def _break_stale_lock(loc: Location) -> None:
+    try:
+        raw = loc.read_bytes(fmt.LOCK_FILE)
+    except FileNotFoundError:
+        return
+    if _is_stale(_parse_lock(raw)):
+        _break_lock(loc, raw)
 
 
 def _is_stale(held: dict[str, Any]) -> bool:
     if not held:
-        return True  # torn lock file: its writer died while writing it
+        return True  # torn or unreadable lock file: its writer died while writing it
     if held.get("host") == socket.gethostname():
         try:
             os.kill(int(held["pid"]), 0)
         except ProcessLookupError:
             return True
-        except (PermissionError, ValueError, KeyError):
+        except (PermissionError, ValueError, KeyError, TypeError, OverflowError):
             return False
         return False
-    return time.time() - float(held.get("since", 0)) > LOCK_STALE_SECONDS
+    try:
+        return time.time() - float(held.get("since", 0)) > LOCK_STALE_SECONDS
+    except (TypeError, ValueError):
+        return True
 
 
 def _release_lock(loc: Location) -> None:
     try:
-        held = json.loads(loc.read_bytes(fmt.LOCK_FILE))
-    except (FileNotFoundError, ValueError):
+        held = _parse_lock(loc.read_bytes(fmt.LOCK_FILE))
+    except FileNotFoundError:
         return
     if held.get("pid") == os.getpid() and held.get("host") == socket.gethostname():
         loc.remove(fmt.LOCK_FILE)
+
+
+# --- leftovers of a killed writer -----------------------------------------------------------------
+_LOCK_TMP = ".lock-tmp"  # the lock's own temporary files: not swept (another dump may be using one)
+_LEFTOVER = re.compile(r"\.[0-9a-f]{32}\.(tmp|partial)$")  # Location.write_bytes's and zarr's
+
+
+def _sweep_leftovers(loc: Location) -> None:
+    """Remove the temporary files a killed writer left behind (local stores; object stores publish
+    a PUT whole). Called with the lock held, before resuming. Left in ``meta.parquet/``, a
+    half-written ``part-X.parquet.<hex>.tmp`` breaks readers that open the folder as a dataset."""
+    if not loc.is_local:
+        return
+    for folder, _, files in os.walk(loc.root):
+        for name in files:
+            if _LEFTOVER.search(name):
+                try:
+                    os.remove(os.path.join(folder, name))
+                except FileNotFoundError:
+                    pass
