@@ -43,7 +43,9 @@ class Location:
         target = self.path(rel)
         if self.is_local:
             os.makedirs(os.path.dirname(target), exist_ok=True)
-            tmp = f"{target}.{uuid.uuid4().hex}.tmp"
+            # dot-prefixed: pyarrow, DuckDB globs and zarr listings skip it while it is half-written
+            head, name = os.path.split(target)
+            tmp = os.path.join(head, f".{name}.{uuid.uuid4().hex}.tmp")
             with open(tmp, "wb") as f:
                 f.write(data)
                 f.flush()

@@ -367,8 +367,8 @@ _LEFTOVER = re.compile(r"\.[0-9a-f]{32}\.(tmp|partial)$")  # Location.write_byte
 
 def _sweep_leftovers(loc: Location) -> None:
     """Remove the temporary files a killed writer left behind (local stores; object stores publish
-    a PUT whole). Called with the lock held, before resuming. Left in ``meta.parquet/``, a
-    half-written ``part-X.parquet.<hex>.tmp`` breaks readers that open the folder as a dataset."""
+    a PUT whole). Called with the lock held, before resuming. Temporary names start with a dot, so
+    readers skip them, but each kill would leave one more behind."""
     if not loc.is_local:
         return
     for folder, _, files in os.walk(loc.root):
