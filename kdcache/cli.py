@@ -14,6 +14,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from kdcache.cliconfig import merged_params, require
@@ -36,18 +37,62 @@ QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bar.")
 
 
 def friendly(fn):
-    """Turn kdcache's input errors into one red line and an exit code; ^C into exit 130."""
+    """Turn kdcache's input errors into one red line and an exit code; ^C into exit 130.
+
+    An ``OSError`` (a path that cannot be created, read or written) is bad input too: it is printed
+    as ``error: [--flag] PATH: reason`` with exit code 1, never as a traceback.
+    """
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except KDCacheError as e:
-            err.print(f"[bold red]error:[/] {e}", highlight=False, markup=True, soft_wrap=True)
+            _error(str(e))
             raise typer.Exit(e.exit_code) from None
         except KeyboardInterrupt:
             err.print("interrupted: committed chunks are kept; run the same command again to resume")
             raise typer.Exit(130) from None
+        except OSError as e:
+            _error(_describe_os_error(e, _given_paths(kwargs)))
+            raise typer.Exit(1) from None
     return wrapper
+
+
+def _error(message: str) -> None:
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, markup=True, soft_wrap=True)
+
+
+PATH_FLAGS = {"out_": "--out", "out": "--out", "cache": "--cache", "checkpoint": "--checkpoint",
+              "config": "--config", "path": "PATH"}
+
+
+def _given_paths(kwargs: dict) -> dict[str, str]:
+    """The path-like values of this run (flags, and --config values once merged) by flag name."""
+    values = dict(kwargs)
+    ctx = kwargs.get("ctx")
+    if ctx is not None and isinstance(getattr(ctx, "meta", None), dict):
+        values.update(ctx.meta.get("kdcache.params", {}))
+    return {flag: str(values[name]) for name, flag in PATH_FLAGS.items()
+            if isinstance(values.get(name), (str, Path)) and str(values[name])}
+
+
+def _describe_os_error(e: OSError, paths: dict[str, str]) -> str:
+    reason = e.strerror or str(e) or type(e).__name__
+    if not e.filename:
+        return f"{type(e).__name__}: {reason}"
+    filename = str(e.filename)
+    flag = None
+    for name, value in paths.items():  # name the flag whose path the failing file is (under)
+        try:
+            given = Path(value).expanduser().resolve()
+            failing = Path(filename).expanduser().resolve()
+        except (OSError, RuntimeError):
+            continue
+        if failing == given or given in failing.parents or failing in given.parents:
+            flag = f"{name} {value}"
+            break
+    where = filename if e.filename2 is None else f"{filename} -> {e.filename2}"
+    return f"{flag}: {where}: {reason}" if flag else f"{where}: {reason}"
 
 
 @app.command()
@@ -73,16 +118,17 @@ def dump(
     from kdcache.config import DumpConfig
 
     p = merged_params(ctx, config)
+    ctx.meta["kdcache.params"] = p
     p["out"] = p.pop("out_")
     quiet = p.pop("quiet")
     require(p, "teacher", "data", "out")
     result = run_dump(DumpConfig(**p), progress=not quiet)
     if result.action == "reuse":
-        err.print(f"{result.path}: a complete cache with the same teacher, data and capture fingerprints "
+        err.print(f"{escape(str(result.path))}: a complete cache with the same teacher, data and capture fingerprints "
                   "is already there; reusing it (pass --overwrite to recompute)")
     else:
         verb = "resumed" if result.action == "resume" else "wrote"
-        err.print(f"{verb} {result.path}: {result.rows_computed:,} of {result.rows:,} rows computed "
+        err.print(f"{verb} {escape(str(result.path))}: {result.rows_computed:,} of {result.rows:,} rows computed "
                   f"in {result.seconds:.1f} s")
 
 
@@ -117,6 +163,7 @@ def train(
     from kdcache.train import train as run_train
 
     p = merged_params(ctx, config)
+    ctx.meta["kdcache.params"] = p
     p["out"] = p.pop("out_")
     quiet, overwrite = p.pop("quiet"), p.pop("overwrite")
     require(p, "student", "data", "out")
@@ -125,7 +172,7 @@ def train(
     line = f"trained {summary['epochs']} epochs in {summary['seconds']:.1f} s: train_loss {final['train_loss']:.4f}"
     if summary.get("eval_accuracy") is not None:
         line += f", eval_accuracy {summary['eval_accuracy']:.4f}"
-    err.print(line + f" → {p['out']}")
+    err.print(line + f" → {escape(str(p['out']))}")
 
 
 @app.command()
@@ -142,13 +189,13 @@ def info(
         print(json.dumps(d, indent=2))
         return
     m = d["manifest"]
-    out.print(f"[bold]{path}[/]  status [bold]{m['status']}[/]  rows {d['committed_rows']:,}/{m['rows']:,} committed"
+    out.print(f"[bold]{escape(path)}[/]  status [bold]{escape(str(m['status']))}[/]  rows {d['committed_rows']:,}/{m['rows']:,} committed"
               f"  chunks of {m['chunk_rows']:,} rows", highlight=False)
-    out.print(f"teacher  {m['teacher']['spec']}  sha256 {m['teacher']['sha256'][:16]}", highlight=False)
-    out.print(f"data     {m['data']['spec']}  length {m['data']['length']:,}  fingerprint {m['data']['fingerprint'][:16]}",
+    out.print(f"teacher  {escape(str(m['teacher']['spec']))}  sha256 {m['teacher']['sha256'][:16]}", highlight=False)
+    out.print(f"data     {escape(str(m['data']['spec']))}  length {m['data']['length']:,}  fingerprint {m['data']['fingerprint'][:16]}",
               highlight=False)
     capture = {k: v for k, v in m["capture"].items() if k != "fingerprint"}
-    out.print(f"capture  {json.dumps(capture)}  fingerprint {m['capture']['fingerprint'][:16]}", highlight=False)
+    out.print(f"capture  {escape(json.dumps(capture))}  fingerprint {m['capture']['fingerprint'][:16]}", highlight=False)
     table = Table("array", "shape", "dtype", "bytes")
     for name, a in d["arrays"].items():
         table.add_row(name, str(tuple(a["shape"])) if a.get("shape") else "", a.get("logical_dtype") or a.get("dtype", ""),
@@ -172,12 +219,12 @@ def verify(
         task = bar.add_task("verify", total=cache.num_chunks)
         report = run_verify(cache, on_chunk=lambda _: bar.advance(task))
     for problem in report.problems:
-        err.print(f"[red]bad[/] {problem}", highlight=False)
+        err.print(f"[red]bad[/] {escape(str(problem))}", highlight=False)
     pending = f", {report.pending} not yet committed (status {cache.manifest['status']})" if report.pending else ""
     if report.problems:
-        err.print(f"{path}: {len(report.problems)} problem(s) in {report.chunks} committed chunks{pending}")
+        err.print(f"{escape(path)}: {len(report.problems)} problem(s) in {report.chunks} committed chunks{pending}")
         raise typer.Exit(1)
-    err.print(f"{path}: ok, {report.chunks} chunks, {report.bytes:,} bytes checked{pending}")
+    err.print(f"{escape(path)}: ok, {report.chunks} chunks, {report.bytes:,} bytes checked{pending}")
 
 
 def main() -> None:

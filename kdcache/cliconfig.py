@@ -7,11 +7,12 @@ ignored, anything else unknown is an error naming the key.
 
 from __future__ import annotations
 
+import inspect
 import sys
+import types
+import typing
 from pathlib import Path
 from typing import Any
-
-import click
 
 from kdcache.errors import ConfigError
 
@@ -23,7 +24,7 @@ else:  # pragma: no cover
 COMMANDS = ("dump", "train", "info", "verify")
 
 
-def merged_params(ctx: click.Context, config: Path | None) -> dict[str, Any]:
+def merged_params(ctx: Any, config: Path | None) -> dict[str, Any]:
     """The command's parameters: defaults, overridden by the config file, overridden by flags."""
     params = dict(ctx.params)
     params.pop("config", None)
@@ -34,26 +35,87 @@ def merged_params(ctx: click.Context, config: Path | None) -> dict[str, Any]:
         doc = tomllib.loads(Path(config).read_text())
     except FileNotFoundError:
         raise ConfigError(f"--config: file {str(config)!r} does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(f"--config: {str(config)!r} is a directory, not a TOML file") from None
+    except OSError as e:
+        raise ConfigError(f"--config: cannot read {str(config)!r}: {e.strerror or e}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"--config {config}: not valid TOML: {e}") from None
     values = {k: v for k, v in doc.items() if not (isinstance(v, dict) and k in COMMANDS)}
     if isinstance(doc.get(command), dict):
         values.update(doc[command])
-    by_name = {p.name: p for p in ctx.command.params if p.name != "config"}
+    by_key = _params_by_key(ctx)
+    unknown = [key for key in values if key.replace("-", "_") not in by_key]
+    if unknown:
+        known = ", ".join(sorted({opt[2:] for param in set(by_key.values()) for opt in getattr(param, "opts", [])
+                                  if opt.startswith("--")} or {k.replace("_", "-") for k in by_key}))
+        raise ConfigError(f"--config {config}: unknown key {unknown[0]!r} for `kdcache {command}` (known: {known})")
+    hints = _type_hints(ctx)
     for key, value in values.items():
-        name = key.replace("-", "_")
-        param = by_name.get(name)
-        if param is None:
-            known = ", ".join(sorted(n.replace("_", "-") for n in by_name))
-            raise ConfigError(f"--config {config}: unknown key {key!r} for `kdcache {command}` (known: {known})")
-        if ctx.get_parameter_source(name) in (click.core.ParameterSource.COMMANDLINE,
-                                              click.core.ParameterSource.ENVIRONMENT):
+        param = by_key[key.replace("-", "_")]
+        source = ctx.get_parameter_source(param.name)
+        # Compare by name: typer >= 0.2x vendors its own click, whose ParameterSource is another enum.
+        if getattr(source, "name", None) in ("COMMANDLINE", "ENVIRONMENT"):
             continue
-        try:
-            params[name] = param.type_cast_value(ctx, value)
-        except click.BadParameter as e:
-            raise ConfigError(f"--config {config}: key {key!r}: {e.message}") from None
+        params[param.name] = _cast(value, hints.get(param.name), config, key)
     return params
+
+
+def _params_by_key(ctx: Any) -> dict[str, Any]:
+    """Config keys (flag names, underscores for dashes) → the command's parameters.
+
+    ``--out`` is declared as the Python name ``out_``: both ``out`` and ``out_`` are accepted.
+    """
+    by_key: dict[str, Any] = {}
+    for param in ctx.command.params:
+        if param.name == "config":
+            continue
+        by_key[param.name] = param
+        for opt in getattr(param, "opts", []):
+            if opt.startswith("--"):
+                by_key[opt[2:].replace("-", "_")] = param
+    return by_key
+
+
+def _type_hints(ctx: Any) -> dict[str, Any]:
+    """The annotations of the command function (``Optional[X]`` unwrapped to ``X``)."""
+    fn = getattr(ctx.command, "callback", None)
+    fn = inspect.unwrap(fn) if fn is not None else None
+    try:
+        hints = typing.get_type_hints(fn) if fn is not None else {}
+    except Exception:  # noqa: BLE001 - no hints: values pass through unchecked
+        return {}
+    out = {}
+    for name, hint in hints.items():
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        union = typing.get_origin(hint) in (typing.Union, getattr(types, "UnionType", typing.Union))
+        out[name] = args[0] if union and len(args) == 1 else hint
+    return out
+
+
+_TOML_TYPE = {bool: "a boolean (true/false)", int: "an integer", float: "a number", str: "a string",
+              Path: "a string (a path)"}
+
+
+def _cast(value: Any, hint: Any, config: Path, key: str) -> Any:
+    """Check a TOML value against the flag's type strictly (TOML has types: ``"8"`` is not 8)."""
+    if hint not in _TOML_TYPE:
+        return value
+    ok = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        str: isinstance(value, str),
+        Path: isinstance(value, str),
+    }[hint]
+    if not ok:
+        raise ConfigError(f"--config {config}: key {key!r} must be {_TOML_TYPE[hint]}, "
+                          f"got {type(value).__name__} {value!r}")
+    if hint is float:
+        return float(value)
+    if hint is Path:
+        return Path(value)
+    return value
 
 
 def require(params: dict[str, Any], *names: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -19,6 +20,10 @@ def _positive(flag: str, value: Any) -> None:
 def _choice(flag: str, value: Any, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ConfigError(f"{flag} must be one of {', '.join(allowed)}; got {value!r}")
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _device_ok(value: str) -> bool:
@@ -81,14 +86,20 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _positive("--epochs", self.epochs)
         _positive("--batch-size", self.batch_size)
-        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
+        if not (_finite(self.lr) and self.lr > 0):
             raise ConfigError(f"--lr must be > 0, got {self.lr!r}")
-        if not (isinstance(self.temperature, (int, float)) and self.temperature > 0):
+        if not (_finite(self.weight_decay) and self.weight_decay >= 0):
+            raise ConfigError(f"--weight-decay must be >= 0, got {self.weight_decay!r}")
+        if not (_finite(self.temperature) and self.temperature > 0):
             raise ConfigError(f"--temperature must be > 0, got {self.temperature!r}")
         if not (isinstance(self.alpha, (int, float)) and 0 <= self.alpha <= 1):
             raise ConfigError(f"--alpha must be between 0 and 1, got {self.alpha!r}")
         if not isinstance(self.num_workers, int) or self.num_workers < 0:
             raise ConfigError(f"--num-workers must be 0 or more, got {self.num_workers!r}")
+        if not isinstance(self.shuffle_buffer, int) or isinstance(self.shuffle_buffer, bool) or self.shuffle_buffer < 0:
+            raise ConfigError(f"--shuffle-buffer must be 0 (two chunks) or a number of rows, got {self.shuffle_buffer!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**63:
+            raise ConfigError(f"--seed must be an integer in [0, 2**63), got {self.seed!r}")
         if not _device_ok(self.device):
             raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N; got {self.device!r}")
         if self.online and not self.teacher:

@@ -15,7 +15,9 @@ import hashlib
 import importlib
 import importlib.util
 import inspect
+import re
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -118,7 +120,7 @@ def load_module(spec: str, flag: str, checkpoint: str | None = None) -> nn.Modul
         try:
             model.load_state_dict(state)
         except RuntimeError as e:
-            raise SpecError(f"--checkpoint {checkpoint}: does not fit {spec!r}: {e}") from None
+            raise SpecError(f"--checkpoint {checkpoint}: does not fit {spec!r}: {_one_line(str(e))}") from None
     return model
 
 
@@ -127,17 +129,37 @@ def load_checkpoint(path: str) -> dict[str, torch.Tensor]:
     if not Path(path).is_file():
         raise SpecError(f"--checkpoint: file {path!r} does not exist")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the error says enough
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise SpecError(
-            f"--checkpoint {path}: refused to load (only tensors and plain containers are allowed): {first}"
+            f"--checkpoint {path}: refused to load (only tensors and plain containers are allowed): "
+            f"{_load_failure(e)}"
         ) from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise SpecError(f"--checkpoint {path}: expected a state dict of tensors")
     return state
+
+
+def _load_failure(e: Exception) -> str:
+    """The one informative sentence of ``torch.load``'s multi-paragraph weights-only error."""
+    text = str(e).strip()
+    boilerplate = ("Weights only load failed", "Check the documentation of torch.load", "In PyTorch 2.6")
+    for paragraph in re.split(r"\n\s*\n", text):
+        paragraph = paragraph.strip()
+        if "WeightsUnpickler error:" in paragraph:
+            paragraph = paragraph.split("WeightsUnpickler error:", 1)[1].strip()
+        if paragraph and not paragraph.startswith(boilerplate):
+            return _one_line(paragraph)
+    return _one_line(text.splitlines()[0]) if text else type(e).__name__
+
+
+def _one_line(text: str, limit: int = 400) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def load_dataset(spec: str, flag: str = "--data") -> Any:
