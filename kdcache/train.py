@@ -29,7 +29,7 @@ from kdcache.sources import load_dataset, load_module, split_item
 
 def train(cfg: TrainConfig, progress: bool = True, overwrite: bool = False) -> dict[str, Any]:
     t0 = time.perf_counter()
-    out = _prepare_out(cfg.out, overwrite)
+    _check_out(cfg.out, overwrite)
     device = pick_device(cfg.device)
     data = load_dataset(cfg.data, "--data")
     eval_data = load_dataset(cfg.eval_data, "--eval-data") if cfg.eval_data else None
@@ -51,6 +51,7 @@ def train(cfg: TrainConfig, progress: bool = True, overwrite: bool = False) -> d
     torch.manual_seed(cfg.seed)  # the student's initial weights depend on the seed only
     student = load_module(cfg.student, "--student").to(device)
     optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    out = _make_out(cfg.out)  # only now that every input has been checked
 
     metrics_path = out / "metrics.jsonl"
     metrics_path.write_text("")
@@ -144,14 +145,18 @@ def _fingerprints(cache) -> dict[str, Any] | None:
     return {"teacher": m["teacher"]["sha256"], "data": m["data"]["fingerprint"], "capture": m["capture"]["fingerprint"]}
 
 
-def _prepare_out(out: str, overwrite: bool) -> Path:
+def _check_out(out: str, overwrite: bool) -> None:
     path = Path(out)
     if path.exists() and not path.is_dir():
         raise ConfigError(f"--out {out!r} is a file; give a directory for metrics.jsonl, student.pt, summary.json")
     if (path / "summary.json").exists() and not overwrite:
         raise ConfigError(f"--out {out!r} already holds a finished run (summary.json); pass --overwrite or choose another directory")
+
+
+def _make_out(out: str) -> Path:
+    path = Path(out)
     path.mkdir(parents=True, exist_ok=True)
-    (path / "summary.json").unlink(missing_ok=True)
+    (path / "summary.json").unlink(missing_ok=True)  # a run is finished only once this exists again
     return path
 
 

@@ -94,3 +94,10 @@ def test_cli_train_with_config_file(tmp_path, models_file, digits_cache):
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["epochs"] == 1  # the flag wins over the file
     assert summary["config"]["alpha"] == 0.5 and summary["config"]["batch_size"] == 128
+
+
+def test_a_refused_run_leaves_no_run_directory(tmp_path, models_file, digits_cache):
+    out = tmp_path / "never"
+    with pytest.raises(FingerprintMismatchError):
+        train(_cfg(models_file, out, cache=str(digits_cache), data="kdcache.datasets:digits_test"), progress=False)
+    assert not out.exists()

@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import os
 from functools import cached_property
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 from kdcache.errors import (
     FingerprintMismatchError,
@@ -227,6 +229,8 @@ class Cache:
 
     def tensor(self, name: str, data: np.ndarray) -> torch.Tensor:
         """Storage-dtype rows as a torch tensor of the array's logical dtype (bfloat16 bits → bfloat16)."""
+        import torch  # imported here so `kdcache --help` and `kdcache info` start fast
+
         logical = self.arrays[name].get("logical_dtype")
         if logical == "bfloat16":
             return torch.from_numpy(np.ascontiguousarray(data).view(np.int16)).view(torch.bfloat16)
