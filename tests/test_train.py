@@ -101,3 +101,20 @@ def test_a_refused_run_leaves_no_run_directory(tmp_path, models_file, digits_cac
     with pytest.raises(FingerprintMismatchError):
         train(_cfg(models_file, out, cache=str(digits_cache), data="kdcache.datasets:digits_test"), progress=False)
     assert not out.exists()
+
+
+def test_open_refuses_a_cache_made_from_something_else(models_file, digits_cache):
+    import kdcache
+    from kdcache.datasets import digits_test, digits_train
+    from kdcache.sources import load_module
+
+    teacher = load_module(f"{models_file}:teacher", "--teacher")
+    cache = kdcache.open(digits_cache, teacher=teacher, data=digits_train(),
+                         capture={"outputs": ["logits"], "dtype": "float32"})
+    assert cache.rows == 1258
+    with pytest.raises(FingerprintMismatchError, match=r"data fingerprint differs \(cache: \w+, this run: \w+\)"):
+        kdcache.open(digits_cache, data=digits_test())
+    with pytest.raises(FingerprintMismatchError, match="teacher fingerprint differs"):
+        kdcache.open(digits_cache, teacher=load_module(f"{models_file}:student", "--student"))
+    with pytest.raises(FingerprintMismatchError, match="capture fingerprint differs"):
+        kdcache.open(digits_cache, capture={"outputs": ["logits"], "dtype": "float16"})

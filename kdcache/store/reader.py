@@ -260,6 +260,20 @@ def committed_chunks(loc: Location) -> list[int]:
     return sorted(chunks)
 
 
-def open_cache(url: str | os.PathLike, *, require_complete: bool = True) -> Cache:
-    """Open the kdcache store at ``url`` (a path or fsspec URL) for reading."""
-    return Cache(url, require_complete=require_complete)
+def open_cache(url: str | os.PathLike, *, require_complete: bool = True, teacher: Any = None, data: Any = None,
+               capture: Any = None) -> Cache:
+    """Open the kdcache store at ``url`` (a path or fsspec URL) for reading.
+
+    ``teacher`` (an ``nn.Module`` or its sha256), ``data`` (a dataset or its fingerprint) and
+    ``capture`` (the capture settings dict or its fingerprint): when given, a cache made from
+    anything else is refused with :class:`FingerprintMismatchError`, naming what differs.
+    """
+    from kdcache.fingerprint import data_fingerprint, settings_digest, teacher_digest
+
+    cache = Cache(url, require_complete=require_complete)
+    cache.check(
+        teacher=teacher if teacher is None or isinstance(teacher, str) else teacher_digest(teacher),
+        data=data if data is None or isinstance(data, str) else data_fingerprint(data),
+        capture=capture if capture is None or isinstance(capture, str) else settings_digest(capture),
+    )
+    return cache
