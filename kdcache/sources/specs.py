@@ -104,7 +104,9 @@ def load_module(spec: str, flag: str, checkpoint: str | None = None) -> nn.Modul
         if not Path(path).is_file():
             raise SpecError(f"{flag}: TorchScript file {path!r} does not exist")
         try:
-            model = torch.jit.load(path, map_location="cpu")
+            with warnings.catch_warnings():  # TorchScript is deprecated upstream, but users have archives
+                warnings.simplefilter("ignore", DeprecationWarning)
+                model = torch.jit.load(path, map_location="cpu")
         except Exception as e:
             raise SpecError(f"{flag}: {path!r} is not a TorchScript archive: {e}") from None
     else:
