@@ -125,9 +125,9 @@ def test_one_read_call_per_piece(cache, monkeypatch):
     calls = []
     real = cache.read
 
-    def counting_read(name, start, stop):
+    def counting_read(name, start, stop, **kw):
         calls.append((name, start, stop))
-        return real(name, start, stop)
+        return real(name, start, stop, **kw)
 
     monkeypatch.setattr(cache, "read", counting_read)
     batches = list(ds)

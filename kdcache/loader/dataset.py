@@ -65,7 +65,7 @@ class DatasetRows:
         start = chunk * self.chunk_rows
         return start, min(start + self.chunk_rows, self.rows)
 
-    def read(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+    def read(self, name: str, start: int = 0, stop: int | None = None, *, copy: bool = True) -> np.ndarray:
         if name != "index":
             raise KeyError(f"DatasetRows has no array {name!r} (has: index)")
         return np.arange(start, self.rows if stop is None else stop, dtype=np.int64)
@@ -248,7 +248,7 @@ class CacheDataset(IterableDataset):
         for start, stop in pieces:  # one read call per array per piece; a piece lies in one chunk
             piece = {"row": np.arange(start, stop, dtype=np.int64)}
             for name in names:
-                piece[name] = self.source.read(name, start, stop)
+                piece[name] = self.source.read(name, start, stop, copy=False)
             yield piece
 
     def _batch(self, rows: dict[str, np.ndarray]) -> dict[str, Any]:

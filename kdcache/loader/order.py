@@ -169,9 +169,29 @@ def shuffle_buffer_batches(pieces: Iterable[Columns], batch_size: int, buffer_ro
 
 
 def _gather(waiting: list[Columns], rng: np.random.Generator | None) -> dict[str, np.ndarray]:
-    keys = waiting[0].keys()
-    rows = {k: waiting[0][k] if len(waiting) == 1 else np.concatenate([p[k] for p in waiting]) for k in keys}
-    if rng is None:
-        return rows
-    perm = rng.permutation(len(next(iter(rows.values()))))
-    return {k: v[perm] for k, v in rows.items()}
+    """The waiting rows as one block per column, permuted by ``rng``: ``concat[perm]``.
+
+    Each piece is scattered straight to its permuted place (``out[inverse[j]] = concat[j]``), so
+    every byte is copied once, not concatenated and then gathered again. The copy also detaches
+    the rows from read-only memory-mapped chunks.
+    """
+    sizes = [len(next(iter(p.values()))) for p in waiting]
+    total = sum(sizes)
+    inverse = None
+    if rng is not None:
+        perm = rng.permutation(total)
+        inverse = np.empty_like(perm)
+        inverse[perm] = np.arange(total)
+    out = {}
+    for key in waiting[0]:
+        first = waiting[0][key]
+        block = np.empty((total, *first.shape[1:]), dtype=first.dtype)
+        offset = 0
+        for piece, n in zip(waiting, sizes):
+            if inverse is None:
+                block[offset: offset + n] = piece[key]
+            else:
+                block[inverse[offset: offset + n]] = piece[key]
+            offset += n
+        out[key] = block
+    return out

@@ -54,6 +54,11 @@ def commit_name(chunk: int) -> str:
     return f"{COMMITS_DIR}/{chunk:08d}.json"
 
 
+def chunk_key(name: str, chunk: int, ndim: int) -> str:
+    """Where Zarr v3 keeps a row chunk of an array (default key encoding, "/" separator)."""
+    return "/".join([name, "c", str(chunk), *["0"] * (ndim - 1)])
+
+
 def meta_part_name(chunk: int) -> str:
     return f"{META_DIR}/part-{chunk:08d}.parquet"
 

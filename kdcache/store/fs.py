@@ -6,8 +6,10 @@ from __future__ import annotations
 import os
 import uuid
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import fsspec
+import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 
 
@@ -22,7 +24,7 @@ class Location:
         self.fs, self.root = fsspec.core.url_to_fs(self.url)
         self.root = self.root.rstrip("/")
 
-    @property
+    @cached_property
     def is_local(self) -> bool:
         return isinstance(self.fs, LocalFileSystem)
 
@@ -36,10 +38,13 @@ class Location:
         return self.fs.isdir(self.path(*parts))
 
     def read_bytes(self, *parts: str) -> bytes:
+        if self.is_local:  # plain open(): fsspec's local layer costs ~0.1 ms a call
+            with open(self.path(*parts), "rb") as f:
+                return f.read()
         return self.fs.cat_file(self.path(*parts))
 
-    def write_bytes(self, rel: str, data: bytes) -> None:
-        """Write a file so that readers see either nothing or all of it."""
+    def write_bytes(self, rel: str, data: bytes | memoryview | np.ndarray) -> None:
+        """Write a file (any contiguous buffer) so that readers see either nothing or all of it."""
         target = self.path(rel)
         if self.is_local:
             os.makedirs(os.path.dirname(target), exist_ok=True)
@@ -52,7 +57,7 @@ class Location:
                 os.fsync(f.fileno())
             os.replace(tmp, target)
         else:  # object stores publish a PUT whole
-            self.fs.pipe_file(target, data)
+            self.fs.pipe_file(target, bytes(memoryview(data).cast("B")))
 
     def list(self, *parts: str) -> list[str]:
         """Base names under a folder (empty when it does not exist)."""

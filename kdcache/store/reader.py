@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import mmap
 import os
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
@@ -190,22 +191,27 @@ class Cache:
         return ok
 
     def chunk_path(self, name: str, chunk: int) -> str:
-        ndim = len(self.arrays[name]["shape"])
-        return os.path.join(self.location.root, name, "c", str(chunk), *["0"] * (ndim - 1))
+        return self.location.path(fmt.chunk_key(name, chunk, len(self.arrays[name]["shape"])))
 
     def read_chunk(self, name: str, chunk: int, padded: bool = False) -> np.ndarray:
-        """One whole chunk of an array in its storage dtype (``padded``: with its fill rows)."""
+        """One whole chunk of an array in its storage dtype (``padded``: with its fill rows).
+
+        A local uncompressed chunk comes back as a read-only memory map of its file: no copy is
+        made until the caller copies the rows where it needs them (the loader's shuffle buffer).
+        """
         spec = self.arrays[name]
         start, stop = self.chunk_bounds(chunk)
         dtype = np.dtype(spec["dtype"])
         tail = tuple(spec["shape"][1:])
         if self._raw_chunk_ok.get(name):
-            raw = np.fromfile(self.chunk_path(name, chunk), dtype=dtype)
-            expected = self.chunk_rows * int(np.prod(tail, dtype=np.int64))
-            if raw.size != expected:
-                raise StoreError(f"cache {self.url!r}: chunk {chunk} of {name!r} holds {raw.size * dtype.itemsize} "
-                                 f"bytes, expected {expected * dtype.itemsize} (truncated?)")
-            raw = raw.reshape((self.chunk_rows, *tail))
+            expected = self.chunk_rows * int(np.prod(tail, dtype=np.int64)) * dtype.itemsize
+            with open(self.chunk_path(name, chunk), "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                if size != expected:
+                    raise StoreError(f"cache {self.url!r}: chunk {chunk} of {name!r} holds {size} bytes, "
+                                     f"expected {expected} (truncated?)")
+                mapped = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) if size else b""
+            raw = np.frombuffer(mapped, dtype=dtype).reshape((self.chunk_rows, *tail))
             return raw if padded else raw[: stop - start]
         data = self.zarr_array(name)[start:stop]
         if padded and stop - start < self.chunk_rows:
@@ -214,8 +220,12 @@ class Cache:
             return full
         return data
 
-    def read(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
-        """Rows ``start:stop`` of an array (storage dtype), reading whole chunks."""
+    def read(self, name: str, start: int = 0, stop: int | None = None, *, copy: bool = True) -> np.ndarray:
+        """Rows ``start:stop`` of an array (storage dtype), reading whole chunks.
+
+        ``copy=False`` may return a read-only view of a memory-mapped chunk (the loader copies the
+        rows into its shuffle buffer anyway).
+        """
         stop = self.rows if stop is None else stop
         if not self._raw_chunk_ok.get(name):
             return self.zarr_array(name)[start:stop]
@@ -225,7 +235,9 @@ class Cache:
             c0, _ = self.chunk_bounds(chunk)
             data = self.read_chunk(name, chunk)
             parts.append(data[max(start - c0, 0): stop - c0])
-        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+        if len(parts) == 1:
+            return parts[0].copy() if copy else parts[0]
+        return np.concatenate(parts)
 
     def tensor(self, name: str, data: np.ndarray) -> torch.Tensor:
         """Storage-dtype rows as a torch tensor of the array's logical dtype (bfloat16 bits → bfloat16)."""
