@@ -69,10 +69,11 @@ def _soft_kl_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor, te
     s = student_logits.to(dtype) / temperature  # (B, C)
     t = teacher_logits.detach().to(dtype) / temperature  # (B, C), a constant
     log_ps = F.log_softmax(s, dim=-1)  # (B, C)
-    log_pt = F.log_softmax(t, dim=-1)  # (B, C)
-    pt = log_pt.exp()  # (B, C)
-    # 0 * log 0 = 0: a class the teacher masked with -inf contributes nothing (not NaN)
-    kl = torch.where(pt > 0, pt * (log_pt - log_ps), torch.zeros_like(pt))  # (B, C)
+    # A class the teacher masked with -inf has p_t = 0 and must add 0, not 0 * -inf = NaN:
+    # clamping its log-probability to the dtype's minimum gives exp(min) = 0 exactly.
+    log_pt = F.log_softmax(t, dim=-1).clamp_min(torch.finfo(dtype).min)  # (B, C)
+    # kl_div's fused kernel: p_t * (log p_t - log p_s), about half the cost of spelling it out
+    kl = F.kl_div(log_ps, log_pt, reduction="none", log_target=True)  # (B, C)
     return kl.sum(dim=-1) * temperature**2  # (B,)
 
 

@@ -190,8 +190,20 @@ class Cache:
                 ok[name] = False
         return ok
 
+    def raw_chunks(self, name: str) -> bool:
+        """Whether ``name``'s chunks are plain bytes in local files (read without zarr)."""
+        return self._raw_chunk_ok.get(name, False)
+
+    def chunk_key(self, name: str, chunk: int) -> str:
+        return fmt.chunk_key(name, chunk, len(self.arrays[name]["shape"]))
+
     def chunk_path(self, name: str, chunk: int) -> str:
-        return self.location.path(fmt.chunk_key(name, chunk, len(self.arrays[name]["shape"])))
+        return self.location.path(self.chunk_key(name, chunk))
+
+    def chunk_nbytes(self, name: str) -> int:
+        """Bytes of one whole (padded) chunk of ``name`` as stored."""
+        spec = self.arrays[name]
+        return self.chunk_rows * int(np.prod(spec["shape"][1:], dtype=np.int64)) * np.dtype(spec["dtype"]).itemsize
 
     def read_chunk(self, name: str, chunk: int, padded: bool = False) -> np.ndarray:
         """One whole chunk of an array in its storage dtype (``padded``: with its fill rows).
@@ -203,8 +215,8 @@ class Cache:
         start, stop = self.chunk_bounds(chunk)
         dtype = np.dtype(spec["dtype"])
         tail = tuple(spec["shape"][1:])
-        if self._raw_chunk_ok.get(name):
-            expected = self.chunk_rows * int(np.prod(tail, dtype=np.int64)) * dtype.itemsize
+        if self.raw_chunks(name):
+            expected = self.chunk_nbytes(name)
             with open(self.chunk_path(name, chunk), "rb") as f:
                 size = os.fstat(f.fileno()).st_size
                 if size != expected:
@@ -227,7 +239,7 @@ class Cache:
         rows into its shuffle buffer anyway).
         """
         stop = self.rows if stop is None else stop
-        if not self._raw_chunk_ok.get(name):
+        if not self.raw_chunks(name):
             return self.zarr_array(name)[start:stop]
         first, last = start // self.chunk_rows, (max(stop, start + 1) - 1) // self.chunk_rows
         parts = []
