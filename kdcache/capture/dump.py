@@ -296,7 +296,7 @@ class _ChunkWriter:
                 f"--teacher: output for dataset row {start + bad} is NaN or Inf in {self.dtype}"
                 + (" (float16 overflows above 65504: try --dtype bfloat16 or float32)" if self.dtype == "float16" else "")
             )
-        c0, c1 = fmt.chunk_bounds(chunk, self.writer.rows, self.writer.chunk_rows)
+        c0, c1 = self.writer.chunk_bounds(chunk)
         buf = open_chunks.get(chunk)
         if buf is None:
             buf = open_chunks[chunk] = {

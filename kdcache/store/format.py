@@ -50,6 +50,27 @@ def chunk_bounds(chunk: int, rows: int, chunk_rows: int) -> tuple[int, int]:
     return start, min(start + chunk_rows, rows)
 
 
+class ManifestLayout:
+    """The row layout a manifest describes (shared by the reader's ``Cache`` and the ``Writer``)."""
+
+    manifest: dict[str, Any]
+
+    @property
+    def rows(self) -> int:
+        return int(self.manifest["rows"])
+
+    @property
+    def chunk_rows(self) -> int:
+        return int(self.manifest["chunk_rows"])
+
+    @property
+    def num_chunks(self) -> int:
+        return num_chunks(self.rows, self.chunk_rows)
+
+    def chunk_bounds(self, chunk: int) -> tuple[int, int]:
+        return chunk_bounds(chunk, self.rows, self.chunk_rows)
+
+
 def commit_name(chunk: int) -> str:
     return f"{COMMITS_DIR}/{chunk:08d}.json"
 

@@ -88,7 +88,7 @@ def _short(digest: Any) -> str:
     return digest[:16] if isinstance(digest, str) else repr(digest)
 
 
-class Cache:
+class Cache(fmt.ManifestLayout):
     """A kdcache store opened for reading. Use :func:`kdcache.open`."""
 
     def __init__(self, url: str | os.PathLike, *, require_complete: bool = True) -> None:
@@ -110,27 +110,12 @@ class Cache:
         return self.location.url
 
     @property
-    def rows(self) -> int:
-        return int(self.manifest["rows"])
-
-    @property
-    def chunk_rows(self) -> int:
-        return int(self.manifest["chunk_rows"])
-
-    @property
-    def num_chunks(self) -> int:
-        return fmt.num_chunks(self.rows, self.chunk_rows)
-
-    @property
     def arrays(self) -> dict[str, dict[str, Any]]:
         return self.manifest.get("arrays", {})
 
     @property
     def complete(self) -> bool:
         return self.manifest["status"] == fmt.STATUS_COMPLETE
-
-    def chunk_bounds(self, chunk: int) -> tuple[int, int]:
-        return fmt.chunk_bounds(chunk, self.rows, self.chunk_rows)
 
     def __len__(self) -> int:
         return self.rows

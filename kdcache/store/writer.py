@@ -33,7 +33,7 @@ from kdcache.store.reader import committed_chunks, mismatches, read_manifest
 LOCK_STALE_SECONDS = 15 * 60
 
 
-class Writer:
+class Writer(fmt.ManifestLayout):
     def __init__(self, loc: Location, manifest: dict[str, Any], fresh: bool) -> None:
         self.location = loc
         self.manifest = manifest
@@ -98,18 +98,6 @@ class Writer:
             _release_lock(loc)
             raise
 
-    @property
-    def rows(self) -> int:
-        return int(self.manifest["rows"])
-
-    @property
-    def chunk_rows(self) -> int:
-        return int(self.manifest["chunk_rows"])
-
-    @property
-    def num_chunks(self) -> int:
-        return fmt.num_chunks(self.rows, self.chunk_rows)
-
     def pending_chunks(self) -> list[int]:
         done = set(committed_chunks(self.location))
         return [c for c in range(self.num_chunks) if c not in done]
@@ -139,7 +127,7 @@ class Writer:
         """Write one whole chunk of every array, its Parquet part, then its commit record."""
         import pyarrow.parquet as pq
 
-        start, stop = fmt.chunk_bounds(chunk, self.rows, self.chunk_rows)
+        start, stop = self.chunk_bounds(chunk)
         crcs: dict[str, int] = {}
         for name, data in arrays.items():
             if data.shape[0] != stop - start:
