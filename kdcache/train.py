@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, default_collate
+from torch.utils.data import DataLoader
 
 import kdcache
 from kdcache.capture.outputs import call_model, extract_logits
@@ -24,7 +24,8 @@ from kdcache.fingerprint import teacher_digest
 from kdcache.loader import CacheDataset, DatasetRows, make_loader
 from kdcache.losses import kd_loss
 from kdcache.progress import progress_bar
-from kdcache.sources import load_dataset, load_module, split_item
+from kdcache.sources import load_dataset, load_module
+from kdcache.sources.items import collate_items
 
 
 def train(cfg: TrainConfig, progress: bool = True, overwrite: bool = False) -> dict[str, Any]:
@@ -126,8 +127,7 @@ def evaluate(model: torch.nn.Module, data, device: torch.device, batch_size: int
 
 
 def _collate_items(data, indices):
-    inputs, labels = zip(*(split_item(data[i], i, "--eval-data") for i in indices))
-    return default_collate(list(inputs)), torch.tensor(labels, dtype=torch.int64)
+    return collate_items([data[i] for i in indices], list(indices), "--eval-data")
 
 
 def _to(x: Any, device: torch.device) -> Any:

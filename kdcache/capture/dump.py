@@ -20,7 +20,7 @@ from typing import Any, Iterator
 import numpy as np
 import pyarrow as pa
 import torch
-from torch.utils.data import DataLoader, default_collate
+from torch.utils.data import DataLoader
 
 import kdcache
 from kdcache.capture.outputs import call_model, extract_logits, first_nonfinite, row_stats, to_storage
@@ -28,7 +28,8 @@ from kdcache.config import DumpConfig, pick_device
 from kdcache.errors import DataError, KDCacheError, TeacherOutputError
 from kdcache.fingerprint import data_fingerprint, settings_digest, teacher_digest
 from kdcache.progress import progress_bar
-from kdcache.sources import load_dataset, load_module, split_item
+from kdcache.sources import load_dataset, load_module
+from kdcache.sources.items import collate_items
 from kdcache.store import format as fmt
 from kdcache.store.writer import Writer
 
@@ -133,13 +134,8 @@ class _Indexed(torch.utils.data.Dataset):
 
 def _collate(pairs):
     indices = [i for i, _ in pairs]
-    inputs, labels = zip(*(split_item(item, i) for i, item in pairs))
-    try:
-        batch = default_collate(list(inputs))
-    except (RuntimeError, TypeError, ValueError) as e:
-        raise DataError(f"--data: items {indices[0]}..{indices[-1]} cannot be batched together "
-                        f"(inputs must be tensors/arrays of one shape, or dicts of them): {e}") from None
-    return torch.tensor(indices, dtype=torch.int64), torch.tensor(labels, dtype=torch.int64), batch
+    inputs, labels = collate_items([item for _, item in pairs], indices, "--data")
+    return torch.tensor(indices, dtype=torch.int64), labels, inputs
 
 
 class _PlanSampler(torch.utils.data.Sampler):

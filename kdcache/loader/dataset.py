@@ -26,7 +26,7 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 import kdcache
 from kdcache.errors import DataError, FingerprintMismatchError
@@ -41,7 +41,7 @@ from kdcache.loader.order import (
     shuffle_buffer_batches,
     worker_rows,
 )
-from kdcache.sources.items import NO_LABEL, split_item
+from kdcache.sources.items import NO_LABEL, collate_items
 from kdcache.store.reader import Cache
 
 
@@ -268,21 +268,14 @@ class CacheDataset(IterableDataset):
         return batch
 
     def _inputs(self, index: np.ndarray) -> tuple[Any, torch.Tensor]:
-        inputs, labels = [], []
-        for i in index.tolist():
+        indices = index.tolist()
+        items = []
+        for i in indices:
             try:
-                item = self.data[i]
+                items.append(self.data[i])
             except Exception as e:
                 raise DataError(f"data: reading item {i} failed: {type(e).__name__}: {e}") from None
-            x, y = split_item(item, i, flag="data")
-            inputs.append(x)
-            labels.append(y)
-        try:
-            collated = default_collate(inputs)
-        except (RuntimeError, TypeError, ValueError) as e:
-            raise DataError(f"data: items {index[0]}..{index[-1]} cannot be batched together "
-                            f"(inputs must be tensors/arrays of one shape, or dicts of them): {e}") from None
-        return collated, torch.tensor(labels, dtype=torch.int64)
+        return collate_items(items, indices, flag="data")
 
     def __repr__(self) -> str:
         return (f"CacheDataset({self.source!r}, batch_size={self.batch_size}, seed={self.seed}, "

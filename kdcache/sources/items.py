@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.data import default_collate
 
 from kdcache.errors import DataError
 
@@ -50,3 +51,38 @@ def _as_label(label: Any, index: int, flag: str) -> int:
         return int(label)
     raise DataError(f"{flag}: item {index} has a label of type {type(label).__name__}; "
                     "expected an integer class id")
+
+
+def collate_items(items: list[Any], indices: list[int], flag: str = "--data") -> tuple[Any, torch.Tensor]:
+    """A batch of items as ``(collated inputs, int64 labels [B])``.
+
+    The common case, ``(input, label)`` tuples with 0-d integer tensor or ``int`` labels, takes a
+    batched path (one stack for the labels, not one conversion per item); anything else goes item
+    by item through :func:`split_item`, which names the first item at fault.
+    """
+    labels = _fast_labels(items)
+    if labels is not None:
+        inputs = [item[0] for item in items]
+    else:
+        inputs, label_list = zip(*(split_item(item, i, flag) for item, i in zip(items, indices))) if items else ((), ())
+        inputs = list(inputs)
+        labels = torch.tensor(label_list, dtype=torch.int64)
+    try:
+        batch = default_collate(inputs)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise DataError(f"{flag}: items {indices[0]}..{indices[-1]} cannot be batched together "
+                        f"(inputs must be tensors/arrays of one shape, or dicts of them): {e}") from None
+    return batch, labels
+
+
+def _fast_labels(items: list[Any]) -> torch.Tensor | None:
+    if not items or not all(type(item) is tuple and len(item) == 2 for item in items):
+        return None
+    labels = [item[1] for item in items]
+    if all(type(y) is int for y in labels):
+        return torch.tensor(labels, dtype=torch.int64)
+    if all(isinstance(y, torch.Tensor) and y.ndim == 0 for y in labels):
+        stacked = torch.stack(labels)
+        if not (stacked.is_floating_point() or stacked.is_complex() or stacked.dtype == torch.bool):
+            return stacked.to(torch.int64)
+    return None
