@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import threading
+from collections import OrderedDict
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
@@ -97,6 +99,7 @@ class Cache(fmt.ManifestLayout):
         if manifest is None:
             raise NotAStoreError(f"cache {self.location.url!r} does not exist")
         self.manifest = manifest
+        self._maps = _MapCache()
         if require_complete and manifest["status"] != fmt.STATUS_COMPLETE:
             raise IncompleteStoreError(
                 f"cache {self.location.url!r} has status {manifest['status']!r} "
@@ -201,14 +204,9 @@ class Cache(fmt.ManifestLayout):
         dtype = np.dtype(spec["dtype"])
         tail = tuple(spec["shape"][1:])
         if self.raw_chunks(name):
-            expected = self.chunk_nbytes(name)
-            with open(self.chunk_path(name, chunk), "rb") as f:
-                size = os.fstat(f.fileno()).st_size
-                if size != expected:
-                    raise StoreError(f"cache {self.url!r}: chunk {chunk} of {name!r} holds {size} bytes, "
-                                     f"expected {expected} (truncated?)")
-                mapped = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) if size else b""
-            raw = np.frombuffer(mapped, dtype=dtype).reshape((self.chunk_rows, *tail))
+            raw = self._maps.get((name, chunk)) if self.complete else None
+            if raw is None:
+                raw = self._map_chunk(name, chunk, dtype, tail)
             return raw if padded else raw[: stop - start]
         data = self.zarr_array(name)[start:stop]
         if padded and stop - start < self.chunk_rows:
@@ -216,6 +214,19 @@ class Cache(fmt.ManifestLayout):
             full[: stop - start] = data
             return full
         return data
+
+    def _map_chunk(self, name: str, chunk: int, dtype: np.dtype, tail: tuple[int, ...]) -> np.ndarray:
+        expected = self.chunk_nbytes(name)
+        with open(self.chunk_path(name, chunk), "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size != expected:
+                raise StoreError(f"cache {self.url!r}: chunk {chunk} of {name!r} holds {size} bytes, "
+                                 f"expected {expected} (truncated?)")
+            mapped = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) if size else b""
+        raw = np.frombuffer(mapped, dtype=dtype).reshape((self.chunk_rows, *tail))
+        if self.complete:  # immutable: the mapping stays valid, keep it for the next epoch
+            self._maps.put((name, chunk), raw)
+        return raw
 
     def read(self, name: str, start: int = 0, stop: int | None = None, *, copy: bool = True) -> np.ndarray:
         """Rows ``start:stop`` of an array (storage dtype), reading whole chunks.
@@ -258,6 +269,46 @@ class Cache(fmt.ManifestLayout):
         found = mismatches(self.manifest, teacher, data, capture)
         if found:
             raise FingerprintMismatchError(f"cache {self.url!r} does not match this run: " + "; ".join(found))
+
+
+class _MapCache:
+    """The most recently used chunk maps of a complete cache, so a chunk read again next epoch is
+    not mapped (and page-faulted in) again. Bounded: each map holds a file descriptor."""
+
+    def __init__(self, capacity: int | None = None) -> None:
+        self.capacity = capacity if capacity is not None else _map_capacity()
+        self._maps: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[str, int]) -> np.ndarray | None:
+        with self._lock:
+            raw = self._maps.get(key)
+            if raw is not None:
+                self._maps.move_to_end(key)
+            return raw
+
+    def put(self, key: tuple[str, int], raw: np.ndarray) -> None:
+        with self._lock:
+            self._maps[key] = raw
+            while len(self._maps) > self.capacity:
+                self._maps.popitem(last=False)
+
+    def __getstate__(self) -> dict:  # DataLoader workers start with no maps of their own
+        return {"capacity": self.capacity}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["capacity"])
+
+
+def _map_capacity() -> int:
+    """A quarter of the file-descriptor limit, at most 1024 maps."""
+    try:
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (ImportError, ValueError, OSError):
+        soft = 1024
+    return max(16, min(1024, (soft if soft > 0 else 1024) // 4))
 
 
 def committed_chunks(loc: Location) -> list[int]:
