@@ -95,6 +95,15 @@ def _describe_os_error(e: OSError, paths: dict[str, str]) -> str:
     return f"{flag}: {where}: {reason}" if flag else f"{where}: {reason}"
 
 
+def _params(ctx: typer.Context, config: Optional[Path], *required: str) -> dict:
+    """Flags merged over --config, with ``--out`` under its config name and required flags checked."""
+    p = merged_params(ctx, config)
+    ctx.meta["kdcache.params"] = p  # lets `friendly` name --out in OS errors, even from the file
+    p["out"] = p.pop("out_")
+    require(p, *required)
+    return p
+
+
 @app.command()
 @friendly
 def dump(
@@ -117,11 +126,8 @@ def dump(
     from kdcache.capture.dump import dump as run_dump
     from kdcache.config import DumpConfig
 
-    p = merged_params(ctx, config)
-    ctx.meta["kdcache.params"] = p
-    p["out"] = p.pop("out_")
+    p = _params(ctx, config, "teacher", "data", "out")
     quiet = p.pop("quiet")
-    require(p, "teacher", "data", "out")
     result = run_dump(DumpConfig(**p), progress=not quiet)
     if result.action == "reuse":
         err.print(f"{escape(str(result.path))}: a complete cache with the same teacher, data and capture fingerprints "
@@ -162,11 +168,8 @@ def train(
     from kdcache.config import TrainConfig
     from kdcache.train import train as run_train
 
-    p = merged_params(ctx, config)
-    ctx.meta["kdcache.params"] = p
-    p["out"] = p.pop("out_")
+    p = _params(ctx, config, "student", "data", "out")
     quiet, overwrite = p.pop("quiet"), p.pop("overwrite")
-    require(p, "student", "data", "out")
     summary = run_train(TrainConfig(**p), progress=not quiet, overwrite=overwrite)
     final = summary["final"]
     line = f"trained {summary['epochs']} epochs in {summary['seconds']:.1f} s: train_loss {final['train_loss']:.4f}"

@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader
 
 import kdcache
-from kdcache.capture.outputs import call_model, extract_logits
+from kdcache.capture.outputs import call_model, extract_logits, to_device
 from kdcache.config import TrainConfig, pick_device
 from kdcache.errors import ConfigError, DataError
 from kdcache.fingerprint import teacher_digest
@@ -65,7 +65,7 @@ def train(cfg: TrainConfig, progress: bool = True, overwrite: bool = False) -> d
             student.train()
             epoch_t0, loss_sum, seen = time.perf_counter(), 0.0, 0
             for batch in loader:
-                x = _to(batch["input"], device)  # (B, ...)
+                x = to_device(batch["input"], device)  # (B, ...)
                 y = batch["label"].to(device, non_blocking=True)  # (B,)
                 if teacher is not None:
                     with torch.no_grad():
@@ -114,7 +114,7 @@ def evaluate(model: torch.nn.Module, data, device: torch.device, batch_size: int
     correct = total = 0
     ce = 0.0
     for x, y in loader:
-        logits = extract_logits(call_model(model, _to(x, device)), len(y), "--student").float()
+        logits = extract_logits(call_model(model, to_device(x, device)), len(y), "--student").float()
         y = y.to(device)
         keep = y >= 0
         correct += (logits.argmax(-1)[keep] == y[keep]).sum().item()
@@ -128,14 +128,6 @@ def evaluate(model: torch.nn.Module, data, device: torch.device, batch_size: int
 
 def _collate_items(data, indices):
     return collate_items([data[i] for i in indices], list(indices), "--eval-data")
-
-
-def _to(x: Any, device: torch.device) -> Any:
-    if isinstance(x, torch.Tensor):
-        return x.to(device, non_blocking=True)
-    if isinstance(x, dict):
-        return {k: _to(v, device) for k, v in x.items()}
-    return x
 
 
 def _fingerprints(cache) -> dict[str, Any] | None:

@@ -23,7 +23,9 @@ import torch
 from torch.utils.data import DataLoader
 
 import kdcache
-from kdcache.capture.outputs import call_model, extract_logits, first_nonfinite, row_stats, to_storage
+from kdcache.capture.outputs import (
+    call_model, extract_logits, first_nonfinite, row_stats, to_device, to_storage,
+)
 from kdcache.config import DumpConfig, pick_device
 from kdcache.errors import DataError, KDCacheError, TeacherOutputError
 from kdcache.fingerprint import data_fingerprint, settings_digest, teacher_digest
@@ -197,19 +199,9 @@ def _unwrap_worker_error(e: BaseException) -> BaseException:
 
 
 # --- stage 2: the teacher -----------------------------------------------------------------------
-def _to_device(x: Any, device: torch.device) -> Any:
-    if isinstance(x, torch.Tensor):
-        return x.to(device, non_blocking=True)
-    if isinstance(x, dict):
-        return {k: _to_device(v, device) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return type(x)(_to_device(v, device) for v in x)
-    return x
-
-
 def _teacher_logits(teacher, inputs, device, start: int, stop: int) -> torch.Tensor:
     try:
-        output = call_model(teacher, _to_device(inputs, device))
+        output = call_model(teacher, to_device(inputs, device))
     except torch.cuda.OutOfMemoryError:
         raise
     except Exception as e:

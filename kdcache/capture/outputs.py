@@ -11,6 +11,17 @@ import torch.nn.functional as F
 from kdcache.errors import TeacherOutputError
 
 
+def to_device(x: Any, device: torch.device) -> Any:
+    """Tensors (also inside dicts, lists, tuples) moved to ``device``, without blocking the host."""
+    if isinstance(x, torch.Tensor):
+        return x.to(device, non_blocking=True)
+    if isinstance(x, dict):
+        return {k: to_device(v, device) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(to_device(v, device) for v in x)
+    return x
+
+
 def call_model(model: torch.nn.Module, inputs: Any) -> Any:
     """``model(**inputs)`` for dict inputs (transformers style), ``model(inputs)`` otherwise."""
     return model(**inputs) if isinstance(inputs, dict) else model(inputs)

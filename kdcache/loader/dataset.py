@@ -31,7 +31,6 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 import kdcache
 from kdcache.errors import DataError, FingerprintMismatchError
 from kdcache.fingerprint import data_fingerprint
-from kdcache.loader import order as _order
 from kdcache.loader.order import (
     _int,
     batch_counts,
@@ -42,6 +41,7 @@ from kdcache.loader.order import (
     worker_rows,
 )
 from kdcache.sources.items import NO_LABEL, collate_items
+from kdcache.store import format as fmt
 from kdcache.store.reader import Cache
 
 
@@ -59,11 +59,10 @@ class DatasetRows:
 
     @property
     def num_chunks(self) -> int:
-        return _order.num_chunks(self.rows, self.chunk_rows)
+        return fmt.num_chunks(self.rows, self.chunk_rows)
 
     def chunk_bounds(self, chunk: int) -> tuple[int, int]:
-        start = chunk * self.chunk_rows
-        return start, min(start + self.chunk_rows, self.rows)
+        return fmt.chunk_bounds(chunk, self.rows, self.chunk_rows)
 
     def read(self, name: str, start: int = 0, stop: int | None = None, *, copy: bool = True) -> np.ndarray:
         if name != "index":

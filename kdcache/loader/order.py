@@ -21,6 +21,8 @@ from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 
+from kdcache.store.format import num_chunks  # the store's chunk arithmetic, also for the loader
+
 # Feeds the buffer's generator apart from the chunk-order generator of the same (seed, epoch).
 _BUFFER_STREAM = 0x6B6463  # "kdc"
 
@@ -34,10 +36,6 @@ def _int(name: str, value: Any, low: int = 0, high: int | None = None, what: str
         what = f"an integer in [{low}, {high})" if high is not None else (
             "a positive integer" if low == 1 else f"an integer >= {low}")
     raise ValueError(f"{name}: expected {what}, got {value!r} instead")
-
-
-def num_chunks(rows: int, chunk_rows: int) -> int:
-    return -(-rows // chunk_rows)
 
 
 def span(total: int, part: int, parts: int) -> tuple[int, int]:
