@@ -119,6 +119,11 @@ def dump(
     num_workers: int = typer.Option(0, help="DataLoader worker processes (0: a loader thread)."),
     overwrite: bool = typer.Option(False, help="Replace an existing cache at --out."),
     resume: bool = typer.Option(True, help="Continue a partial dump at --out from its last committed chunk."),
+    order: str = typer.Option("shuffled", help="Rows hold the items in a seeded permutation (shuffled), so batches "
+                              "mix even a class-sorted dataset, or in dataset order."),
+    order_seed: int = typer.Option(0, help="Seed of the shuffled row order."),
+    data_check: Optional[str] = typer.Option(None, help="How the data is fingerprinted: sampled (64 items, the "
+                                             "default) or full (every item)."),
     quiet: bool = QuietOpt,
     config: Optional[Path] = ConfigOpt,
 ):
@@ -156,7 +161,7 @@ def train(
     seed: int = typer.Option(0, help="Seeds the student's initial weights and the sample order."),
     device: str = DeviceOpt,
     num_workers: int = typer.Option(0, help="DataLoader worker processes."),
-    shuffle_buffer: int = typer.Option(0, help="Rows shuffled together (0: two chunks)."),
+    shuffle_buffer: int = typer.Option(65536, help="Rows shuffled together each epoch."),
     online: bool = typer.Option(False, help="Run --teacher live instead of reading targets (for comparison)."),
     teacher: Optional[str] = typer.Option(None, help="With --online, the live teacher; otherwise checked against the cache's fingerprint."),
     checkpoint: Optional[str] = typer.Option(None, help="State dict for --teacher (weights_only=True)."),
@@ -191,18 +196,21 @@ def info(
     if as_json:
         print(json.dumps(d, indent=2))
         return
-    m = d["manifest"]
-    out.print(f"[bold]{escape(path)}[/]  status [bold]{escape(str(m['status']))}[/]  rows {d['committed_rows']:,}/{m['rows']:,} committed"
-              f"  chunks of {m['chunk_rows']:,} rows", highlight=False)
-    out.print(f"teacher  {escape(str(m['teacher']['spec']))}  sha256 {m['teacher']['sha256'][:16]}", highlight=False)
-    out.print(f"data     {escape(str(m['data']['spec']))}  length {m['data']['length']:,}  fingerprint {m['data']['fingerprint'][:16]}",
-              highlight=False)
-    capture = {k: v for k, v in m["capture"].items() if k != "fingerprint"}
-    out.print(f"capture  {escape(json.dumps(capture))}  fingerprint {m['capture']['fingerprint'][:16]}", highlight=False)
-    table = Table("array", "shape", "dtype", "bytes")
+    m, fps = d["manifest"], d["fingerprints"]
+    order = "shuffled (seed {seed})".format(**m["order"]) if m["order"]["shuffle"] else "dataset order"
+    out.print(f"[bold]{escape(path)}[/]  status [bold]{escape(str(m['status']))}[/]  rows {d['committed_rows']:,}/{m['rows']:,} "
+              f"committed  chunks of {m['chunk_rows']:,} rows  rows in {order}", highlight=False)
+    teacher = m["teacher"]
+    ckpt = f"  checkpoint {escape(teacher['checkpoint'])}" if teacher.get("checkpoint") else ""
+    out.print(f"teacher  {escape(teacher['spec'])}{ckpt}  digest {fps['teacher'][:16]}", highlight=False)
+    out.print(f"data     {escape(m['data']['spec'])}  length {m['data']['length']:,}  fingerprint {fps['data'][:16]} "
+              f"({m['data']['check']})", highlight=False)
+    kinds = ", ".join(f"{c['kind']} v{c['version']} {json.dumps(c['settings'])}" for c in m["capture"])
+    out.print(f"capture  {escape(kinds)}  fingerprint {fps['capture'][:16]}", highlight=False)
+    table = Table("array", "shape", "dtype", "bytes", "bytes/row")
     for name, a in d["arrays"].items():
-        table.add_row(name, str(tuple(a["shape"])) if a.get("shape") else "", a.get("logical_dtype") or a.get("dtype", ""),
-                      f"{a['bytes']:,}")
+        shape = str(tuple(a["shape"])) if "shape" in a else ", ".join(a.get("columns", []))
+        table.add_row(name, shape, a.get("logical_dtype", "parquet"), f"{a['bytes']:,}", f"{a['bytes_per_row']:,.1f}")
     out.print(table)
     out.print(f"total {d['bytes']:,} bytes, {d['bytes_per_sample']:.1f} bytes per sample", highlight=False)
 

@@ -7,9 +7,11 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from kdcache.errors import ConfigError
-from kdcache.store.format import LOGIT_DTYPES
 
 DEVICES = ("auto", "cpu", "cuda")
+LOGIT_DTYPES = ("float16", "bfloat16", "float32")
+ORDERS = ("shuffled", "dataset")
+DATA_CHECKS = ("sampled", "full")
 
 
 def _positive(flag: str, value: Any) -> None:
@@ -39,10 +41,13 @@ class DumpConfig:
     batch_size: int = 256
     device: str = "auto"
     dtype: str = "float16"
-    chunk_rows: int | None = None  # None: about 4 MiB of logits a chunk
+    chunk_rows: int | None = None  # None: about 4 MiB of every array together a chunk
     num_workers: int = 0
     overwrite: bool = False
     resume: bool = True
+    order: str = "shuffled"  # rows hold the items in a seeded permutation, or in dataset order
+    order_seed: int = 0
+    data_check: str | None = None  # None: "sampled", or what a partial dump at --out used
 
     def __post_init__(self) -> None:
         _positive("--batch-size", self.batch_size)
@@ -51,12 +56,19 @@ class DumpConfig:
         if not isinstance(self.num_workers, int) or self.num_workers < 0:
             raise ConfigError(f"--num-workers must be 0 or more, got {self.num_workers!r}")
         _choice("--dtype", self.dtype, LOGIT_DTYPES)
+        _choice("--order", self.order, ORDERS)
+        if not isinstance(self.order_seed, int) or isinstance(self.order_seed, bool) or not 0 <= self.order_seed < 2**63:
+            raise ConfigError(f"--order-seed must be an integer in [0, 2**63), got {self.order_seed!r}")
+        if self.data_check is not None:
+            _choice("--data-check", self.data_check, DATA_CHECKS)
         if not _device_ok(self.device):
             raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N; got {self.device!r}")
 
-    def capture_settings(self) -> dict[str, Any]:
-        """What is stored, normalized: the part of the config that changes the cache's content."""
-        return {"outputs": ["logits"], "dtype": self.dtype}
+    def captures(self) -> list:
+        """The capture kinds this dump runs (what is stored, one class each)."""
+        from kdcache.capture.kinds import Dense
+
+        return [Dense(self.dtype)]
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -81,7 +93,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     num_workers: int = 0
-    shuffle_buffer: int = 0  # rows; 0: two chunks
+    shuffle_buffer: int = 65536  # rows permuted together
 
     def __post_init__(self) -> None:
         _positive("--epochs", self.epochs)
@@ -96,8 +108,7 @@ class TrainConfig:
             raise ConfigError(f"--alpha must be between 0 and 1, got {self.alpha!r}")
         if not isinstance(self.num_workers, int) or self.num_workers < 0:
             raise ConfigError(f"--num-workers must be 0 or more, got {self.num_workers!r}")
-        if not isinstance(self.shuffle_buffer, int) or isinstance(self.shuffle_buffer, bool) or self.shuffle_buffer < 0:
-            raise ConfigError(f"--shuffle-buffer must be 0 (two chunks) or a number of rows, got {self.shuffle_buffer!r}")
+        _positive("--shuffle-buffer", self.shuffle_buffer)
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**63:
             raise ConfigError(f"--seed must be an integer in [0, 2**63), got {self.seed!r}")
         if not _device_ok(self.device):

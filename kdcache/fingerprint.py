@@ -101,3 +101,27 @@ def _update(h: "hashlib._Hash", value: Any, where: str) -> None:
             f"--data: {where} holds a {type(value).__name__}, which kdcache cannot fingerprint; "
             "return tensors, numpy arrays, numbers, strings, or tuples/dicts of them"
         )
+
+
+# --- interim API (replaced by the fingerprint rework) ---------------------------------------------
+from dataclasses import dataclass as _dataclass  # noqa: E402
+
+
+@_dataclass(frozen=True)
+class TeacherFingerprint:
+    digest: str
+    weights: str | None = None
+    code: str | None = None
+
+
+def teacher_fingerprint(model: nn.Module, checkpoint: str | None = None) -> TeacherFingerprint:
+    weights = teacher_digest(model)
+    code = hashlib.sha256(repr(model).encode()).hexdigest()
+    return TeacherFingerprint(hashlib.sha256(f"{code}{weights}".encode()).hexdigest(), weights, code)
+
+
+_sampled_fingerprint = data_fingerprint
+
+
+def data_fingerprint(dataset: Any, flag: str = "--data", check: str = "sampled") -> str:  # noqa: F811
+    return _sampled_fingerprint(dataset, flag) if check == "sampled" else "full:" + _sampled_fingerprint(dataset, flag)

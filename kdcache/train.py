@@ -20,11 +20,11 @@ import kdcache
 from kdcache.capture.outputs import call_model, extract_logits, to_device
 from kdcache.config import TrainConfig, pick_device
 from kdcache.errors import ConfigError, DataError
-from kdcache.fingerprint import teacher_digest
+from kdcache.fingerprint import teacher_fingerprint
 from kdcache.loader import CacheDataset, DatasetRows, make_loader
 from kdcache.losses import kd_loss
 from kdcache.progress import progress_bar
-from kdcache.sources import load_dataset, load_module
+from kdcache.sources import freeze, load_dataset, load_module
 from kdcache.sources.items import collate_items
 
 
@@ -38,9 +38,9 @@ def train(cfg: TrainConfig, progress: bool = True, overwrite: bool = False) -> d
     cache = kdcache.open(cfg.cache) if cfg.cache else None
     teacher = None
     if cfg.teacher:
-        teacher = load_module(cfg.teacher, "--teacher", cfg.checkpoint).eval().requires_grad_(False)
+        teacher = freeze(load_module(cfg.teacher, "--teacher", cfg.checkpoint))
         if cache is not None and not cfg.online:  # a cached run names its teacher: refuse a stale cache
-            cache.check(teacher=teacher_digest(teacher))
+            cache.check(teacher=teacher_fingerprint(teacher, cfg.checkpoint).digest)
             teacher = None
         else:
             teacher = teacher.to(device)
@@ -134,7 +134,7 @@ def _fingerprints(cache) -> dict[str, Any] | None:
     if cache is None:
         return None
     m = cache.manifest
-    return {"teacher": m["teacher"]["sha256"], "data": m["data"]["fingerprint"], "capture": m["capture"]["fingerprint"]}
+    return {"teacher": m.teacher.digest, "data": m.data.fingerprint, "capture": m.capture_fingerprint}
 
 
 def _check_out(out: str, overwrite: bool) -> None:

@@ -1,9 +1,5 @@
-"""A torch ``IterableDataset`` over a cache: chunk-shuffled, sharded over ranks and workers, joined
-with the dataset's inputs.
-
-Each epoch (see :mod:`kdcache.loader.order`): permute chunks by ``(seed, epoch)``, cut the row
-sequence into this rank's and this worker's span, read it range by range (one read call per range,
-never row by row), mix the rows through a shuffle buffer and yield ready-made batches::
+"""A torch ``IterableDataset`` over a cache: shuffled batches, sharded over ranks and workers,
+joined with the dataset's inputs, resumable mid-epoch.
 
     ds = CacheDataset("teacher.zarr", data, batch_size=64, seed=0)
     loader = make_loader(ds, num_workers=4)
@@ -11,12 +7,16 @@ never row by row), mix the rows through a shuffle buffer and yield ready-made ba
         ds.set_epoch(epoch)
         for batch in loader:  # {"row", "index", "label", "logits", "input"}
             ...
+        torch.save(ds.state_dict(), "loader.pt")  # also mid-epoch: resume where it stopped
 
-Epochs and DataLoader workers: :func:`make_loader` keeps workers alive across epochs
-(``persistent_workers``), so the epoch cannot travel inside a fresh copy of the dataset; it lives
-in a one-element shared-memory tensor instead, which forked and spawned workers both see.
-:meth:`CacheDataset.set_epoch` must be called before ``iter(loader)`` (the start of the ``for``
-loop), as with ``DistributedSampler``.
+Each batch's rows are drawn by :class:`~kdcache.loader.order.EpochPlan` (a pure function of the
+seed, epoch, rank and world) and read with one gather per array from the cache's mapped chunks.
+Worker ``w`` of ``W`` produces batches ``w, w + W, …``, which the DataLoader yields in order, so
+the sequence of batches is the same with 0, 1, 2 or 4 workers.
+
+The epoch and the position (batches already delivered) live in shared memory, so persistent
+DataLoader workers see :meth:`CacheDataset.set_epoch` and :meth:`CacheDataset.load_state_dict`;
+call them before ``iter(loader)`` (the start of the ``for`` loop), as with ``DistributedSampler``.
 """
 
 from __future__ import annotations
@@ -31,72 +31,58 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 import kdcache
 from kdcache.errors import DataError, FingerprintMismatchError
 from kdcache.fingerprint import data_fingerprint
-from kdcache.loader.order import (
-    _int,
-    batch_counts,
-    buffer_rng,
-    chunk_order,
-    partition,
-    shuffle_buffer_batches,
-    worker_rows,
-)
+from kdcache.loader.order import BLOCK, WINDOW, EpochPlan, _int
 from kdcache.sources.items import NO_LABEL, collate_items
-from kdcache.store import format as fmt
 from kdcache.store.reader import Cache
+from kdcache.store.schema import RowOrder
+
+_BASE = ("index", "label")
 
 
 class DatasetRows:
-    """The row layout of a cache that does not exist: row ``i`` is dataset index ``i``.
+    """The row layout of a cache that does not exist, for online KD (the teacher runs live).
 
-    For online KD (the teacher runs live) with exactly the sample order of a cached run: give it the
-    dataset length and the cache's ``chunk_rows``. It has one array, ``index``.
+    Row ``r`` holds dataset item ``order.items(r)``: the same item a cache dumped with the same
+    (default) row order holds, so an online run sees exactly the batches of a cached one. It has
+    one array, ``index``.
     """
 
-    def __init__(self, rows: int, chunk_rows: int = 1024) -> None:
+    def __init__(self, rows: int, order: RowOrder = RowOrder()) -> None:
         self.rows = _int("rows", rows, 1)
-        self.chunk_rows = _int("chunk_rows", chunk_rows, 1)
-        self.arrays = {"index": {"dtype": "int64", "shape": [self.rows]}}
+        self.order = order
+        self.arrays: dict[str, Any] = {}
 
-    @property
-    def num_chunks(self) -> int:
-        return fmt.num_chunks(self.rows, self.chunk_rows)
+    def units(self) -> np.ndarray | None:
+        return None  # every row
 
-    def chunk_bounds(self, chunk: int) -> tuple[int, int]:
-        return fmt.chunk_bounds(chunk, self.rows, self.chunk_rows)
-
-    def read(self, name: str, start: int = 0, stop: int | None = None, *, copy: bool = True) -> np.ndarray:
-        if name != "index":
-            raise KeyError(f"DatasetRows has no array {name!r} (has: index)")
-        return np.arange(start, self.rows if stop is None else stop, dtype=np.int64)
-
-    def tensor(self, name: str, data: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(data))
+    def gather(self, names: list[str], rows: np.ndarray) -> dict[str, np.ndarray]:
+        return {"index": self.order.items(rows, self.rows)} if "index" in names else {}
 
     def __len__(self) -> int:
         return self.rows
 
     def __repr__(self) -> str:
-        return f"DatasetRows(rows={self.rows}, chunk_rows={self.chunk_rows})"
+        return f"DatasetRows(rows={self.rows}, order={self.order})"
 
 
 def resolve_world() -> tuple[int, int]:
-    """``(rank, world)``: from ``torch.distributed`` when initialized, else ``RANK``/``WORLD_SIZE``."""
+    """``(rank, world)`` from ``torch.distributed`` when initialized, else a single process.
+
+    ``WORLD_SIZE`` > 1 in the environment without an initialized process group is refused: a
+    stray variable would silently train on a fraction of the data.
+    """
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
-    if "WORLD_SIZE" in os.environ or "RANK" in os.environ:
-        values = []
-        for var, default in (("RANK", "0"), ("WORLD_SIZE", "1")):
-            text = os.environ.get(var, default)
-            try:
-                values.append(int(text))
-            except ValueError:
-                raise ValueError(f"environment variable {var}: expected an integer, got {text!r} instead") from None
-        rank, world = values
-        _int("WORLD_SIZE", world, 1)
-        _int("RANK", rank, 0, world)
-        return rank, world
+    for var in ("RANK", "WORLD_SIZE"):
+        text = os.environ.get(var)
+        if text is not None and not text.strip().lstrip("-").isdigit():
+            raise ValueError(f"environment variable {var}: expected an integer, got {text!r} instead")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError(f"environment variable WORLD_SIZE={os.environ['WORLD_SIZE']} but torch.distributed is "
+                         "not initialized: call torch.distributed.init_process_group() before creating the "
+                         "dataset, pass rank= and world=, or unset WORLD_SIZE")
     return 0, 1
 
 
@@ -105,30 +91,31 @@ class CacheDataset(IterableDataset):
 
     Args:
         source: a :class:`~kdcache.store.reader.Cache`, a path to one, or :class:`DatasetRows`.
+            A cache still being written yields the rows of its committed chunks only.
         data: the map-style dataset the cache was made from; adds ``"input"`` to each batch and
             takes ``"label"`` from its items. ``None``: no inputs, labels from the cache.
-        batch_size: rows per batch (each worker's last batch may be partial, see ``drop_last``).
-        seed: with ``epoch`` (:meth:`set_epoch`), the only inputs of the order.
-        shuffle: permute chunks and rows; ``False`` keeps storage order.
-        shuffle_buffer: rows mixed at a time (``0``: two chunks). Bigger mixes better, costs memory.
-        drop_last: drop each worker's final partial batch, and with ``world > 1`` the up to
-            ``world - 1`` rows that would make ranks unequal, so every rank yields the same number
-            of batches (what DDP needs; with ``False`` ranks may differ by a batch).
-        rank, world: this process's shard; ``None``: from ``torch.distributed`` when initialized,
-            else the ``RANK``/``WORLD_SIZE`` environment variables, else a single process.
-        targets: cached arrays to yield, as tensors of their logical dtype. ``None``: ``("logits",)``
-            for a cache, none for :class:`DatasetRows`.
+        batch_size: rows per batch (the epoch's last batch may be partial, see ``drop_last``).
+        seed: with the epoch (:meth:`set_epoch`), the only inputs of the order.
+        shuffle: ``False`` keeps storage order (rows are stored in a seeded permutation already).
+        shuffle_buffer: rows permuted together (a window of the epoch sequence).
+        shuffle_block: consecutive rows kept together when blocks are permuted each epoch.
+        drop_last: drop the epoch's final partial batch, and with ``world > 1`` the up to
+            ``world - 1`` rows that would make ranks unequal (what DDP needs).
+        rank, world: this process's shard; ``None``: from ``torch.distributed`` when initialized
+            (create the dataset after ``init_process_group``), else a single process.
+        targets: cached arrays to yield, as tensors of their logical dtype. ``None``: every array
+            of a cache but ``index`` and ``label``.
         check_data: refuse ``data`` whose fingerprint differs from the cache's.
 
-    Each batch is a dict: ``"row"`` int64 [B] (storage row), ``"index"`` int64 [B] (dataset
-    index), ``"label"`` int64 [B] (-1: none), one entry per target, and ``"input"`` (the collated
-    inputs) when ``data`` is given.
+    Each batch is a dict: ``"row"`` int64 [B] (storage rows, ascending), ``"index"`` int64 [B]
+    (dataset items), ``"label"`` int64 [B] (-1: none), one entry per target, and ``"input"`` (the
+    collated inputs) when ``data`` is given.
     """
 
     def __init__(self, source: Cache | DatasetRows | str | os.PathLike, data: Any = None, *, batch_size: int,
-                 seed: int = 0, shuffle: bool = True, shuffle_buffer: int = 0, drop_last: bool = False,
-                 rank: int | None = None, world: int | None = None, targets: tuple[str, ...] | None = None,
-                 check_data: bool = True) -> None:
+                 seed: int = 0, shuffle: bool = True, shuffle_buffer: int = WINDOW, shuffle_block: int = BLOCK,
+                 drop_last: bool = False, rank: int | None = None, world: int | None = None,
+                 targets: tuple[str, ...] | None = None, check_data: bool = True) -> None:
         if isinstance(source, (str, os.PathLike)):
             source = kdcache.open(source)
         if not isinstance(source, (Cache, DatasetRows)):
@@ -138,28 +125,31 @@ class CacheDataset(IterableDataset):
         self.batch_size = _int("batch_size", batch_size, 1)
         self.seed = _int("seed", seed, 0, what="a non-negative integer")
         self.shuffle = bool(shuffle)
-        self.shuffle_buffer = _int("shuffle_buffer", shuffle_buffer, 0, what="a number of rows >= 0")
+        self.shuffle_buffer = _int("shuffle_buffer", shuffle_buffer, 1, what="a number of rows >= 1")
+        self.shuffle_block = _int("shuffle_block", shuffle_block, 1, what="a number of rows >= 1")
         self.drop_last = bool(drop_last)
         if (rank is None) != (world is None):
             raise ValueError(f"rank, world: expected both or neither, got rank={rank!r}, world={world!r} instead")
-        self._world: tuple[int, int] | None = None
-        if world is not None:
-            world = _int("world", world, 1)
-            self._world = (_int("rank", rank, 0, world), world)
+        if world is None:
+            rank, world = resolve_world()
+        world = _int("world", world, 1)
+        self.rank, self.world = _int("rank", rank, 0, world), world
         if targets is None:
-            targets = ("logits",) if isinstance(source, Cache) else ()
+            targets = tuple(n for n in source.arrays if n not in _BASE)
         if isinstance(targets, str):
             targets = (targets,)
-        missing = [t for t in targets if t not in source.arrays or t in ("index", "row", "label")]
+        missing = [t for t in targets if t not in source.arrays or t in _BASE]
         if missing:
-            raise ValueError(f"targets: expected names of arrays in {source!r}, got {missing[0]!r} instead")
+            raise ValueError(f"targets: expected names of arrays in {source!r} (not index or label), "
+                             f"got {missing[0]!r} instead")
         self.targets = tuple(targets)
         self.data = data
         if data is not None:
             self._check_data(data, check_data)
-        # The epoch, in shared memory: persistent DataLoader workers see set_epoch (module docstring).
-        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
-        self.loader_workers = 1  # DataLoader workers, for __len__; make_loader sets it
+        self._rows = _committed_rows(source)  # unit -> storage row; None: every row
+        self.units = len(self._rows) if self._rows is not None else len(source)
+        # Epoch and position in shared memory: persistent workers see set_epoch / load_state_dict.
+        self._state = torch.zeros(2, dtype=torch.int64).share_memory_()
 
     def _check_data(self, data: Any, check: bool) -> None:
         try:
@@ -171,126 +161,142 @@ class CacheDataset(IterableDataset):
             if length != self.source.rows:
                 raise ValueError(f"data: expected {self.source.rows} items (DatasetRows rows), got {length} instead")
             return
-        expected = self.source.manifest.get("data", {}).get("length")
-        if expected is not None and length != expected:
+        expected = self.source.manifest.data.length
+        if length != expected:
             raise FingerprintMismatchError(
                 f"cache {self.source.url!r} does not match this run: it was made from {expected} data items, "
                 f"this data has {length}")
         if check:
-            self.source.check(data=data_fingerprint(data, flag="data"))
+            info = self.source.manifest.data
+            self.source.check(data=data_fingerprint(data, flag="data", check=info.check))
 
-    # --- epochs and shards ----------------------------------------------------------------------
+    # --- epochs and position --------------------------------------------------------------------
     @property
     def epoch(self) -> int:
-        return int(self._epoch)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Use ``epoch``'s order from the next ``iter()`` on (call it before each epoch's loop)."""
-        self._epoch.fill_(_int("epoch", epoch, 0, what="a non-negative integer"))
-
-    def world(self) -> tuple[int, int]:
-        """``(rank, world)`` this dataset shards for (see the ``rank``/``world`` arguments)."""
-        return self._world if self._world is not None else resolve_world()
-
-    def pin_world(self) -> tuple[int, int]:
-        """Resolve ``(rank, world)`` now, in this process, so workers need not (:func:`make_loader`)."""
-        self._world = self.world()
-        return self._world
+        return int(self._state[0])
 
     @property
-    def buffer_rows(self) -> int:
-        return self.shuffle_buffer or 2 * self.source.chunk_rows
+    def position(self) -> int:
+        """Batches of the current epoch already delivered (where an iteration starts)."""
+        return int(self._state[1])
 
-    def num_batches(self, workers: int | None = None) -> int:
-        """Batches this rank yields per epoch over ``workers`` DataLoader workers (each its own last batch)."""
-        rank, world = self.world()
-        workers = self.loader_workers if workers is None else _int("workers", workers, 1)
-        counts = worker_rows(self.source.rows, rank, world, workers, even=self.drop_last)
-        return batch_counts(counts, self.batch_size, self.drop_last)
+    def set_epoch(self, epoch: int) -> None:
+        """Use ``epoch``'s order from the next ``iter()`` on (call it before each epoch's loop).
+
+        Setting another epoch starts it from its first batch; setting the current one keeps the
+        position (so a loop resumed with :meth:`load_state_dict` continues where it stopped).
+        """
+        epoch = _int("epoch", epoch, 0, what="a non-negative integer")
+        if epoch != self.epoch:
+            self._state[0], self._state[1] = epoch, 0
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the iteration stands: pass it to :meth:`load_state_dict` to continue exactly there."""
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "units": self.units,
+                "batch_size": self.batch_size, "rank": self.rank, "world": self.world, "shuffle": self.shuffle,
+                "shuffle_buffer": self.shuffle_buffer, "shuffle_block": self.shuffle_block,
+                "drop_last": self.drop_last}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a :meth:`state_dict`: the next ``iter()`` yields the remaining batches."""
+        mine = self.state_dict()
+        for key in ("seed", "units", "batch_size", "rank", "world", "shuffle", "shuffle_buffer", "shuffle_block",
+                    "drop_last"):
+            if key in state and state[key] != mine[key]:
+                raise ValueError(f"state_dict: saved with {key}={state[key]!r}, this dataset has {key}={mine[key]!r}; "
+                                 "the order would differ")
+        epoch = _int("state_dict['epoch']", state.get("epoch"), 0)
+        position = _int("state_dict['position']", state.get("position"), 0)
+        self._state[0], self._state[1] = epoch, position
+
+    # --- the order ------------------------------------------------------------------------------
+    def plan(self, epoch: int | None = None) -> EpochPlan:
+        """This rank's order in ``epoch`` (default: the current one)."""
+        return EpochPlan(self.units, self.batch_size, self.seed, self.epoch if epoch is None else epoch, self.rank,
+                         self.world, shuffle=self.shuffle, block=self.shuffle_block, window=self.shuffle_buffer,
+                         drop_last=self.drop_last)
 
     def __len__(self) -> int:
-        """Batches this rank yields per epoch, summed over ``loader_workers`` workers.
-
-        With several workers each has its own partial final batch, so this can exceed
-        ``ceil(rows / world / batch_size)``; :func:`make_loader` sets ``loader_workers``.
-        """
-        return self.num_batches()
-
-    # --- iteration --------------------------------------------------------------------------------
-    def plan(self, epoch: int | None = None, worker: int = 0, workers: int = 1) -> list[tuple[int, int]]:
-        """The storage-row ranges ``(start, stop)`` one worker of this rank reads in ``epoch``."""
-        rank, world = self.world()
-        epoch = self.epoch if epoch is None else epoch
-        order = chunk_order(self.source.num_chunks, self.seed, epoch, self.shuffle)
-        return partition(self.source.rows, self.source.chunk_rows, order, rank, world, worker, workers,
-                         even=self.drop_last)
+        """Batches this rank yields per epoch (whatever the number of workers)."""
+        return self.plan().num_batches
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
-        rank, _ = self.world()
-        epoch = self.epoch
-        pieces = self.plan(epoch, worker, workers)
-        rng = buffer_rng(self.seed, epoch, rank, worker) if self.shuffle else None
-        for rows in shuffle_buffer_batches(self._read(pieces), self.batch_size, self.buffer_rows, rng,
-                                           self.drop_last):
-            yield self._batch(rows)
+        plan = self.plan()
+        start = self.position
+        if start >= plan.num_batches:  # the epoch was finished: iterating again starts it over
+            start = 0
+            if info is None:
+                self._state[1] = 0
+        for b in range(start + worker, plan.num_batches, workers):
+            batch = self.batch(plan.batch(b))
+            if info is None:  # in the main process: count what is delivered (else the loader does)
+                self._state[1] = b + 1
+            yield batch
 
-    def _columns(self) -> list[str]:
+    # --- reading ----------------------------------------------------------------------------------
+    def batch(self, units: np.ndarray) -> dict[str, Any]:
+        """The batch of these units: one gather per array, rows ascending."""
+        rows = np.sort(units if self._rows is None else self._rows[units])
         names = ["index", *self.targets]
         if self.data is None and "label" in self.source.arrays:
             names.append("label")
-        return names
-
-    def _read(self, pieces: list[tuple[int, int]]) -> Iterator[dict[str, np.ndarray]]:
-        names = self._columns()
-        for start, stop in pieces:  # one read call per array per piece; a piece lies in one chunk
-            piece = {"row": np.arange(start, stop, dtype=np.int64)}
-            for name in names:
-                piece[name] = self.source.read(name, start, stop, copy=False)
-            yield piece
-
-    def _batch(self, rows: dict[str, np.ndarray]) -> dict[str, Any]:
-        index = rows["index"]
-        batch: dict[str, Any] = {
-            "row": torch.from_numpy(np.ascontiguousarray(rows["row"])),
-            "index": torch.from_numpy(np.ascontiguousarray(index, dtype=np.int64)),
-        }
+        got = self.source.gather(names, rows)
+        batch: dict[str, Any] = {"row": torch.from_numpy(rows), "index": torch.from_numpy(got["index"])}
         if self.data is not None:
-            batch["input"], batch["label"] = self._inputs(index)
-        elif "label" in rows:
-            batch["label"] = torch.from_numpy(np.ascontiguousarray(rows["label"], dtype=np.int64))
+            batch["input"], batch["label"] = self._inputs(got["index"])
+        elif "label" in got:
+            batch["label"] = torch.from_numpy(got["label"])
         else:
-            batch["label"] = torch.full((len(index),), NO_LABEL, dtype=torch.int64)
+            batch["label"] = torch.full((len(rows),), NO_LABEL, dtype=torch.int64)
         for name in self.targets:
-            batch[name] = self.source.tensor(name, rows[name])
+            batch[name] = self.source.tensor(name, got[name])
         return batch
 
     def _inputs(self, index: np.ndarray) -> tuple[Any, torch.Tensor]:
         indices = index.tolist()
-        items = []
-        for i in indices:
-            try:
-                items.append(self.data[i])
-            except Exception as e:
-                raise DataError(f"data: reading item {i} failed: {type(e).__name__}: {e}") from None
+        getitems = getattr(self.data, "__getitems__", None)
+        try:
+            items = getitems(indices) if getitems is not None else [self.data[i] for i in indices]
+        except Exception as e:
+            raise DataError(f"data: reading items {indices[0]}, … failed: {type(e).__name__}: {e}") from None
         return collate_items(items, indices, flag="data")
 
     def __repr__(self) -> str:
         return (f"CacheDataset({self.source!r}, batch_size={self.batch_size}, seed={self.seed}, "
-                f"shuffle={self.shuffle}, epoch={self.epoch})")
+                f"shuffle={self.shuffle}, epoch={self.epoch}, rank={self.rank}, world={self.world})")
+
+
+def _committed_rows(source: Cache | DatasetRows) -> np.ndarray | None:
+    """The storage rows of committed chunks, for a cache still being written (None: all rows)."""
+    if isinstance(source, DatasetRows) or source.complete:
+        return None
+    ranges = [np.arange(*source.chunk_bounds(c), dtype=np.int64) for c in source.committed_chunks()]
+    return np.concatenate(ranges) if ranges else np.zeros(0, dtype=np.int64)
+
+
+class CacheLoader(DataLoader):
+    """A DataLoader over a :class:`CacheDataset`'s own batches that counts what it delivers, so
+    ``dataset.state_dict()`` is exact with worker processes too."""
+
+    def __iter__(self):
+        ds: CacheDataset = self.dataset
+        if self.num_workers == 0:
+            yield from super().__iter__()  # the dataset counts in this process
+            return
+        if ds.position >= len(ds):
+            ds._state[1] = 0
+        for batch in super().__iter__():
+            ds._state[1] += 1
+            yield batch
 
 
 def make_loader(dataset: CacheDataset, num_workers: int = 0, pin_memory: bool = False) -> DataLoader:
-    """A DataLoader over ``dataset``'s own batches (``batch_size=None``).
+    """A DataLoader over ``dataset``'s own batches (``batch_size=None``), workers kept across epochs.
 
-    Workers persist across epochs; :meth:`CacheDataset.set_epoch` reaches them through shared
-    memory. ``(rank, world)`` is resolved here, in the calling process, so workers (which may be
-    spawned, without ``torch.distributed``) shard the same way. ``len()`` of the loader counts
-    each worker's partial last batch.
+    The order of batches does not depend on ``num_workers``.
     """
     num_workers = _int("num_workers", num_workers, 0, what="an integer >= 0")
-    dataset.pin_world()
-    dataset.loader_workers = max(1, num_workers)
-    return DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
-                      persistent_workers=num_workers > 0)
+    return CacheLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
+                       persistent_workers=num_workers > 0)

@@ -4,31 +4,30 @@ from __future__ import annotations
 
 from typing import Any
 
-from kdcache.store import format as fmt
+from kdcache.store import schema as sc
 from kdcache.store.reader import Cache
 
 
 def describe(path: str) -> dict[str, Any]:
     cache = Cache(path, require_complete=False)
-    loc = cache.location
-    arrays: dict[str, Any] = {}
-    for name, spec in cache.arrays.items():
-        arrays[name] = {**spec, "bytes": _du(loc, name)}
-    arrays[fmt.META_DIR] = {"bytes": _du(loc, fmt.META_DIR)}
-    total = sum(a["bytes"] for a in arrays.values())
+    loc, m = cache.location, cache.manifest
     committed = cache.committed_rows()
+    arrays: dict[str, Any] = {}
+    for spec in m.arrays:
+        size = loc.size(spec.name)
+        arrays[spec.name] = {"shape": list(spec.shape), "dtype": spec.dtype, "logical_dtype": spec.logical_dtype,
+                             "dims": list(spec.dims), "codec": spec.codec.to_dict(), "bytes": size,
+                             "bytes_per_row": spec.row_bytes}
+    table = loc.size(sc.TABLE_DIR)
+    arrays[sc.TABLE] = {"bytes": table, "columns": list(m.columns),
+                        "bytes_per_row": table / max(committed, 1)}
+    total = sum(a["bytes"] for a in arrays.values())
     return {
         "path": path,
-        "manifest": cache.manifest,
+        "manifest": m.to_dict(),
+        "fingerprints": {"teacher": m.teacher.digest, "data": m.data.fingerprint, "capture": m.capture_fingerprint},
         "committed_rows": committed,
         "arrays": arrays,
         "bytes": total,
         "bytes_per_sample": total / max(committed, 1),
     }
-
-
-def _du(loc, name: str) -> int:
-    try:
-        return int(loc.fs.du(loc.path(name), total=True))
-    except FileNotFoundError:
-        return 0

@@ -1,269 +1,351 @@
-"""Opening a cache: the manifest, the arrays, fast chunk reads, and the refusal of stale caches."""
+"""Opening a cache: the manifest, the arrays, commit-checked row reads, the refusal of stale caches.
+
+Reads never touch a chunk without a commit record of the cache's own generation: a chunk is
+admitted (mapped, or copied in) only after its record is read and checked, and checked again
+after the mapping, so a dump that overwrites the cache under a reader makes the reader stop with
+:class:`~kdcache.store.schema.StaleChunkError` instead of mixing two caches' rows.
+"""
 
 from __future__ import annotations
 
 import json
-import mmap
 import os
 import threading
 from collections import OrderedDict
+from dataclasses import dataclass
 from functools import cached_property
-from typing import TYPE_CHECKING, Any
+from typing import Any, Iterable
 
 import numpy as np
 
-if TYPE_CHECKING:
-    import torch
-
-from kdcache.errors import (
-    FingerprintMismatchError,
-    IncompleteStoreError,
-    NotAStoreError,
-    StoreError,
-)
-from kdcache.store import format as fmt
+from kdcache.errors import FingerprintMismatchError, IncompleteStoreError, NotAStoreError, StoreError
+from kdcache.store import schema as sc
+from kdcache.store.checksum import bytes_crc
+from kdcache.store.chunkmap import chunk_store
+from kdcache.store.chunks import ChunkLayout
 from kdcache.store.fs import Location
+from kdcache.store.schema import CommitRecord, Manifest
+
+# At most this many chunks are admitted at once per cache (each file map is one kernel mapping,
+# and Linux allows ~65k per process); the least recently used ones are dropped past it.
+MAX_ADMITTED_CHUNKS = 8192
+# Chunks that are copied in (object stores, compressed arrays) count against this many bytes.
+MAX_COPIED_BYTES = 2 << 30
 
 
-def read_manifest(loc: Location, what: str = "cache") -> dict[str, Any] | None:
-    """The manifest of the store at ``loc``; ``None`` if nothing is there (or an empty folder).
+def location(url: str | os.PathLike) -> Location:
+    """A cache's location, with temporary files kept inside its ``_kdcache`` node."""
+    return Location(os.fspath(url), scratch=sc.TMP_DIR)
 
-    Raises ``NotAStoreError`` when something other than a kdcache store is there and
-    ``StoreError`` when the manifest is unreadable or from an unknown format version.
-    """
+
+# --- what is at a path ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Survey:
+    """What a path holds, for a writer deciding what it may do there."""
+
+    state: str  # "empty", "store", "abandoned" (a store whose creation stopped), "foreign"
+    manifest: Manifest | None = None
+    problem: StoreError | None = None  # why it cannot be read (an old format, a damaged manifest)
+    commits: int = 0
+
+
+def survey(loc: Location) -> Survey:
     if not loc.exists():
-        return None
+        return Survey("empty")
     if not loc.is_dir():
-        raise NotAStoreError(f"{what} {loc.url!r} is a file, not a kdcache store")
+        return Survey("foreign", problem=NotAStoreError(f"{loc.url!r} is a file, not a kdcache cache"))
     names = loc.list()
     if not names:
-        return None
-    if "zarr.json" not in names:
-        if fmt.INTERNAL_DIR in names and loc.exists(fmt.MANIFEST_COPY):
-            return _parse(loc, fmt.MANIFEST_COPY, what, copy=True)
-        if names == [fmt.INTERNAL_DIR] and all(n.startswith("lock.json") for n in loc.list(fmt.INTERNAL_DIR)):
-            return None  # only a write lock: a dump took it and died before writing its manifest
-        raise NotAStoreError(f"{what} {loc.url!r} exists and is not a kdcache store (no zarr.json)")
-    try:
-        manifest = _parse(loc, "zarr.json", what)
-    except StoreError:
-        # zarr.json damaged: the writer's copy, if any, still says what this store is.
-        if loc.exists(fmt.MANIFEST_COPY):
-            return _parse(loc, fmt.MANIFEST_COPY, what, copy=True)
-        raise
-    return manifest
+        return Survey("empty")
+    ours = sc.INTERNAL in names
+    commits = len(committed_chunks(loc)) if ours else 0
+    problem: StoreError | None = None
+    for where, read in (("zarr.json", _manifest_from_group), (sc.MANIFEST_COPY, _manifest_from_copy)):
+        try:
+            return Survey("store", read(loc), commits=commits)
+        except FileNotFoundError:
+            continue
+        except sc.FormatVersionError as e:
+            return Survey("store", problem=e, commits=commits)
+        except StoreError as e:
+            problem = problem or e
+    if ours:
+        return Survey("abandoned", problem=problem, commits=commits)
+    if "zarr.json" in names:
+        return Survey("foreign", problem=NotAStoreError(
+            f"{loc.url!r} is a Zarr store but not a kdcache cache (no {sc.MANIFEST_ATTR!r} manifest)"))
+    return Survey("foreign", problem=NotAStoreError(f"{loc.url!r} exists and is not a kdcache cache"))
 
 
-def _parse(loc: Location, name: str, what: str, copy: bool = False) -> dict[str, Any]:
-    where = f"{loc.url}/{name}"
+def _manifest_from_group(loc: Location) -> Manifest:
+    doc = _json(loc, "zarr.json")
+    attrs = doc.get("attributes") if isinstance(doc, dict) else None
+    if not isinstance(attrs, dict) or sc.MANIFEST_ATTR not in attrs:
+        raise StoreError(f"{loc.url}/zarr.json has no {sc.MANIFEST_ATTR!r} manifest")
+    return Manifest.from_dict(attrs[sc.MANIFEST_ATTR], f"{loc.url}: manifest")
+
+
+def _manifest_from_copy(loc: Location) -> Manifest:
+    return Manifest.from_dict(_json(loc, sc.MANIFEST_COPY), f"{loc.url}: manifest")
+
+
+def _json(loc: Location, rel: str) -> Any:
     try:
-        doc = json.loads(loc.read_bytes(name))
+        return json.loads(loc.read_bytes(rel))
     except (ValueError, UnicodeDecodeError):
-        raise StoreError(f"{what} {loc.url!r}: {where} is not valid JSON (truncated or corrupted)") from None
-    manifest = doc if copy else (doc.get("attributes") or {}).get(fmt.MANIFEST_ATTR) if isinstance(doc, dict) else None
-    if not isinstance(manifest, dict):
-        raise NotAStoreError(f"{what} {loc.url!r} is a Zarr store but not a kdcache store (no '{fmt.MANIFEST_ATTR}' manifest)")
-    version = manifest.get("format_version")
-    if version != fmt.FORMAT_VERSION:
-        raise StoreError(
-            f"{what} {loc.url!r} has format_version {version!r}; this kdcache reads format_version {fmt.FORMAT_VERSION}"
-        )
-    for key in ("status", "rows", "chunk_rows", "teacher", "data", "capture"):
-        if key not in manifest:
-            raise StoreError(f"{what} {loc.url!r}: manifest has no {key!r} field (corrupted?)")
-    return manifest
+        raise StoreError(f"{loc.url}/{rel} is not valid JSON (truncated or corrupted)") from None
 
 
-def mismatches(manifest: dict[str, Any], teacher: str | None = None, data: str | None = None,
+def read_manifest(loc: Location) -> Manifest:
+    """The manifest of the cache at ``loc``; a clear error for anything else there."""
+    found = survey(loc)
+    if found.state == "empty":
+        raise NotAStoreError(f"cache {loc.url!r} does not exist")
+    if found.manifest is None:
+        if found.state == "abandoned":
+            raise StoreError(f"cache {loc.url!r}: its first dump stopped before it wrote a manifest "
+                             "(nothing to read); run the dump again")
+        raise found.problem
+    return found.manifest
+
+
+def committed_chunks(loc: Location) -> list[int]:
+    chunks = []
+    for name in loc.list(sc.COMMITS_DIR):
+        stem = name.removesuffix(".json")
+        if name.endswith(".json") and stem.isdigit():
+            chunks.append(int(stem))
+    return sorted(chunks)
+
+
+def mismatches(manifest: Manifest, teacher: str | None = None, data: str | None = None,
                capture: str | None = None) -> list[str]:
     """Human-readable differences between a cache's fingerprints and the ones a run uses."""
     found = []
-    for what, key, current in (("teacher", "sha256", teacher), ("data", "fingerprint", data),
-                               ("capture", "fingerprint", capture)):
-        cached = manifest.get(what, {}).get(key)
+    for what, cached, current in (("teacher", manifest.teacher.digest, teacher),
+                                  ("data", manifest.data.fingerprint, data),
+                                  ("capture", manifest.capture_fingerprint, capture)):
         if current is not None and cached != current:
-            found.append(f"{what} fingerprint differs (cache: {_short(cached)}, this run: {_short(current)})")
+            found.append(f"{what} fingerprint differs (cache: {cached[:16]}, this run: {current[:16]})")
     return found
 
 
-def _short(digest: Any) -> str:
-    return digest[:16] if isinstance(digest, str) else repr(digest)
-
-
-class Cache(fmt.ManifestLayout):
-    """A kdcache store opened for reading. Use :func:`kdcache.open`."""
+# --- reading --------------------------------------------------------------------------------------
+class Cache:
+    """A kdcache cache opened for reading. Use :func:`kdcache.open`."""
 
     def __init__(self, url: str | os.PathLike, *, require_complete: bool = True) -> None:
-        self.location = Location(os.fspath(url))
-        manifest = read_manifest(self.location)
-        if manifest is None:
-            raise NotAStoreError(f"cache {self.location.url!r} does not exist")
-        self.manifest = manifest
-        self._maps = _MapCache()
-        if require_complete and manifest["status"] != fmt.STATUS_COMPLETE:
+        self.location = location(url)
+        self.manifest = read_manifest(self.location)
+        self._lock = threading.RLock()
+        self._stores: dict[str, Any] = {}
+        self._admitted: OrderedDict[int, int] = OrderedDict()  # chunk -> bytes copied in
+        self._copied = 0
+        if require_complete and not self.complete:
             raise IncompleteStoreError(
-                f"cache {self.location.url!r} has status {manifest['status']!r} "
-                f"({self.committed_rows()}/{self.rows} rows committed): finish it with "
-                "`kdcache dump` (it resumes) before training from it"
-            )
+                f"cache {self.url!r} has status {self.manifest.status!r} ({self.committed_rows():,}/"
+                f"{self.rows:,} rows committed): finish it with `kdcache dump` (the same command resumes) "
+                "before training from it")
 
-    # --- layout -------------------------------------------------------------------------------
+    # --- layout ---------------------------------------------------------------------------------
     @property
     def url(self) -> str:
         return self.location.url
 
     @property
-    def arrays(self) -> dict[str, dict[str, Any]]:
-        return self.manifest.get("arrays", {})
+    def rows(self) -> int:
+        return self.manifest.rows
+
+    @property
+    def chunk_rows(self) -> int:
+        return self.manifest.chunk_rows
+
+    @property
+    def num_chunks(self) -> int:
+        return self.manifest.num_chunks
+
+    def chunk_bounds(self, chunk: int) -> tuple[int, int]:
+        return self.manifest.chunk_bounds(chunk)
+
+    @property
+    def arrays(self) -> dict[str, sc.ArraySpec]:
+        return {a.name: a for a in self.manifest.arrays}
 
     @property
     def complete(self) -> bool:
-        return self.manifest["status"] == fmt.STATUS_COMPLETE
+        return self.manifest.complete
+
+    @property
+    def generation(self) -> str:
+        return self.manifest.generation
 
     def __len__(self) -> int:
         return self.rows
 
     def __repr__(self) -> str:
-        return f"Cache({self.url!r}, rows={self.rows}, arrays={list(self.arrays)}, status={self.manifest['status']!r})"
+        return (f"Cache({self.url!r}, rows={self.rows}, arrays={list(self.arrays)}, "
+                f"status={self.manifest.status!r})")
 
-    # --- commit records ---------------------------------------------------------------------------
-    def commit_record(self, chunk: int) -> dict[str, Any] | None:
+    @cached_property
+    def layouts(self) -> dict[str, ChunkLayout]:
+        return {a.name: ChunkLayout.read(self.location, a, self.chunk_rows) for a in self.manifest.arrays}
+
+    # --- commit records -------------------------------------------------------------------------
+    def commit_record(self, chunk: int) -> CommitRecord | None:
+        """The chunk's checked record; ``None`` when it has none (not committed)."""
         try:
-            record = json.loads(self.location.read_bytes(fmt.commit_name(chunk)))
-        except (FileNotFoundError, ValueError, UnicodeDecodeError):
+            raw = self.location.read_bytes(sc.commit_name(chunk))
+        except FileNotFoundError:
             return None
-        return record if isinstance(record, dict) and record.get("chunk") == chunk else None
+        return CommitRecord.from_json(raw, self.manifest, chunk)
 
     def committed_chunks(self) -> list[int]:
-        return committed_chunks(self.location)
+        if self.complete:
+            return list(range(self.num_chunks))
+        return [c for c in committed_chunks(self.location) if c < self.num_chunks]
 
     def committed_rows(self) -> int:
-        return sum(b - a for a, b in map(self.chunk_bounds, self.committed_chunks()) if a < self.rows)
+        return sum(b - a for a, b in map(self.chunk_bounds, self.committed_chunks()))
 
-    # --- reads ------------------------------------------------------------------------------------
-    @cached_property
-    def _group(self):
+    # --- rows -----------------------------------------------------------------------------------
+    def gather(self, names: Iterable[str], rows: np.ndarray) -> dict[str, np.ndarray]:
+        """Rows ``rows`` (int64 storage rows, best sorted) of each array, in storage dtype: one
+        gather per array. Every chunk they touch must be committed (else :class:`StoreError`)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        chunks, offsets = np.divmod(rows, self.chunk_rows)
+        names = list(names)
+        with self._lock:
+            self.admit(np.unique(chunks))
+            return {name: self._store(name).take(chunks, offsets) for name in names}
+
+    def read(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Rows ``start:stop`` of one array (storage dtype): a copy, from committed chunks only."""
+        stop = self.rows if stop is None else min(stop, self.rows)
+        return self.gather([name], np.arange(start, max(start, stop), dtype=np.int64))[name]
+
+    def tensor(self, name: str, stored: np.ndarray):
+        """Stored rows as a torch tensor of the array's logical dtype."""
+        return self.arrays[name].codec.to_torch(stored)
+
+    def admit(self, chunks: Iterable[int]) -> None:
+        """Make these chunks readable: check each commit record, map or copy every array's chunk."""
+        with self._lock:
+            for chunk in chunks:
+                chunk = int(chunk)
+                if chunk in self._admitted:
+                    self._admitted.move_to_end(chunk)
+                    continue
+                self._admit(chunk)
+            self._evict()
+
+    def _admit(self, chunk: int) -> None:
+        if not 0 <= chunk < self.num_chunks:
+            raise IndexError(f"chunk {chunk} is outside the cache's {self.num_chunks} chunks")
+        if self.commit_record(chunk) is None:
+            raise StoreError(f"cache {self.url!r}: chunk {chunk} (rows {self.chunk_bounds(chunk)[0]}.."
+                             f"{self.chunk_bounds(chunk)[1] - 1}) is not committed")
+        copied = 0
+        for name, layout in self.layouts.items():
+            copied += self._load(self._store(name), layout, chunk)
+        # Read again: a dump that overwrote the cache meanwhile removed or replaced the record.
+        if self.commit_record(chunk) is None:
+            raise sc.StaleChunkError(f"cache {self.url!r}: chunk {chunk} vanished while it was read "
+                                     "(the cache is being overwritten)")
+        self._admitted[chunk] = copied
+        self._copied += copied
+
+    def _load(self, store, layout: ChunkLayout, chunk: int) -> int:
+        """Put one chunk of one array into its slot; returns the bytes copied (0 when mapped)."""
+        key = layout.key(chunk)
+        if layout.raw and self.location.is_local:
+            try:
+                fd = os.open(self.location.path(key), os.O_RDONLY)
+            except FileNotFoundError:
+                store.put(chunk, layout.fill_chunk)  # no file: the fill value (Zarr's rule)
+                return layout.nbytes
+            try:
+                size = os.fstat(fd).st_size
+                if size != layout.nbytes:
+                    raise StoreError(f"cache {self.url!r}: chunk {chunk} of {layout.spec.name!r} holds {size} "
+                                     f"bytes, expected {layout.nbytes} (truncated?); run `kdcache verify`")
+                store.map_file(chunk, fd)
+            finally:
+                os.close(fd)
+            return 0
+        store.put(chunk, self.read_chunk(layout, chunk))
+        return layout.nbytes
+
+    def read_chunk(self, layout: ChunkLayout, chunk: int) -> np.ndarray:
+        """One whole (padded) chunk as stored, decoded: plain bytes, or through zarr."""
+        if layout.raw:
+            try:
+                raw = self.location.read_bytes(layout.key(chunk))
+            except FileNotFoundError:
+                return layout.fill_chunk
+            if len(raw) != layout.nbytes:
+                raise StoreError(f"cache {self.url!r}: chunk {chunk} of {layout.spec.name!r} holds {len(raw)} "
+                                 f"bytes, expected {layout.nbytes} (truncated?); run `kdcache verify`")
+            return np.frombuffer(raw, dtype=layout.spec.dtype).reshape(layout.chunk_shape)
+        start, stop = self.chunk_bounds(chunk)
+        return layout.pad(self._zarr(layout.spec.name)[start:stop])
+
+    def _store(self, name: str):
+        store = self._stores.get(name)
+        if store is None:
+            spec = self.arrays[name]
+            store = self._stores[name] = chunk_store(self.num_chunks, spec.chunk_shape(self.chunk_rows),
+                                                     np.dtype(spec.dtype))
+        return store
+
+    def _evict(self) -> None:
+        while len(self._admitted) > 1 and (len(self._admitted) > MAX_ADMITTED_CHUNKS
+                                           or self._copied > MAX_COPIED_BYTES):
+            chunk, copied = self._admitted.popitem(last=False)
+            self._copied -= copied
+            for store in self._stores.values():
+                store.drop(chunk)
+
+    def _zarr(self, name: str):
         import zarr
 
-        return zarr.open_group(self.location.zarr_store(read_only=True), mode="r")
+        return zarr.open_array(self.location.zarr_store(read_only=True), path=name, mode="r")
 
-    def zarr_array(self, name: str):
-        if name not in self.arrays:
-            raise KeyError(f"cache {self.url!r} has no array {name!r} (has: {', '.join(self.arrays)})")
-        return self._group[name]
+    def __getstate__(self) -> dict[str, Any]:  # DataLoader workers map chunks of their own
+        return {"url": self.url, "manifest": self.manifest}
 
-    @cached_property
-    def _raw_chunk_ok(self) -> dict[str, bool]:
-        """Arrays whose chunks are plain little-endian bytes on a local disk, read without zarr."""
-        ok = {}
-        for name in self.arrays:
-            meta_path = os.path.join(self.location.root, name, "zarr.json")
-            ok[name] = False
-            if not self.location.is_local or not os.path.exists(meta_path):
-                continue
-            try:
-                with open(meta_path) as f:
-                    meta = json.load(f)
-                codecs = meta.get("codecs", [])
-                ok[name] = (
-                    len(codecs) == 1 and codecs[0].get("name") == "bytes"
-                    and codecs[0].get("configuration", {}).get("endian", "little") == "little"
-                    and meta.get("chunk_key_encoding", {}).get("name") == "default"
-                    and meta["chunk_grid"]["configuration"]["chunk_shape"][0] == self.chunk_rows
-                    and list(meta["chunk_grid"]["configuration"]["chunk_shape"][1:]) == list(meta["shape"][1:])
-                )
-            except (OSError, ValueError, LookupError, TypeError, AttributeError):
-                # A damaged zarr.json: leave that array to zarr, which reports it; the other arrays
-                # still read (and verify) directly.
-                ok[name] = False
-        return ok
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.location = location(state["url"])
+        self.manifest = state["manifest"]
+        self._lock = threading.RLock()
+        self._stores, self._admitted, self._copied = {}, OrderedDict(), 0
 
-    def raw_chunks(self, name: str) -> bool:
-        """Whether ``name``'s chunks are plain bytes in local files (read without zarr)."""
-        return self._raw_chunk_ok.get(name, False)
-
-    def chunk_key(self, name: str, chunk: int) -> str:
-        return fmt.chunk_key(name, chunk, len(self.arrays[name]["shape"]))
-
-    def chunk_path(self, name: str, chunk: int) -> str:
-        return self.location.path(self.chunk_key(name, chunk))
-
-    def chunk_nbytes(self, name: str) -> int:
-        """Bytes of one whole (padded) chunk of ``name`` as stored."""
-        spec = self.arrays[name]
-        return self.chunk_rows * int(np.prod(spec["shape"][1:], dtype=np.int64)) * np.dtype(spec["dtype"]).itemsize
-
-    def read_chunk(self, name: str, chunk: int, padded: bool = False) -> np.ndarray:
-        """One whole chunk of an array in its storage dtype (``padded``: with its fill rows).
-
-        A local uncompressed chunk comes back as a read-only memory map of its file: no copy is
-        made until the caller copies the rows where it needs them (the loader's shuffle buffer).
-        """
-        spec = self.arrays[name]
-        start, stop = self.chunk_bounds(chunk)
-        dtype = np.dtype(spec["dtype"])
-        tail = tuple(spec["shape"][1:])
-        if self.raw_chunks(name):
-            raw = self._maps.get((name, chunk)) if self.complete else None
-            if raw is None:
-                raw = self._map_chunk(name, chunk, dtype, tail)
-            return raw if padded else raw[: stop - start]
-        data = self.zarr_array(name)[start:stop]
-        if padded and stop - start < self.chunk_rows:
-            full = np.zeros((self.chunk_rows, *tail), dtype=dtype)
-            full[: stop - start] = data
-            return full
-        return data
-
-    def _map_chunk(self, name: str, chunk: int, dtype: np.dtype, tail: tuple[int, ...]) -> np.ndarray:
-        expected = self.chunk_nbytes(name)
-        with open(self.chunk_path(name, chunk), "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if size != expected:
-                raise StoreError(f"cache {self.url!r}: chunk {chunk} of {name!r} holds {size} bytes, "
-                                 f"expected {expected} (truncated?)")
-            mapped = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) if size else b""
-        raw = np.frombuffer(mapped, dtype=dtype).reshape((self.chunk_rows, *tail))
-        if self.complete:  # immutable: the mapping stays valid, keep it for the next epoch
-            self._maps.put((name, chunk), raw)
-        return raw
-
-    def read(self, name: str, start: int = 0, stop: int | None = None, *, copy: bool = True) -> np.ndarray:
-        """Rows ``start:stop`` of an array (storage dtype), reading whole chunks.
-
-        ``copy=False`` may return a read-only view of a memory-mapped chunk (the loader copies the
-        rows into its shuffle buffer anyway).
-        """
-        stop = self.rows if stop is None else stop
-        if not self.raw_chunks(name):
-            return self.zarr_array(name)[start:stop]
-        first, last = start // self.chunk_rows, (max(stop, start + 1) - 1) // self.chunk_rows
-        parts = []
-        for chunk in range(first, last + 1):
-            c0, _ = self.chunk_bounds(chunk)
-            data = self.read_chunk(name, chunk)
-            parts.append(data[max(start - c0, 0): stop - c0])
-        if len(parts) == 1:
-            return parts[0].copy() if copy else parts[0]
-        return np.concatenate(parts)
-
-    def tensor(self, name: str, data: np.ndarray) -> torch.Tensor:
-        """Storage-dtype rows as a torch tensor of the array's logical dtype (bfloat16 bits → bfloat16)."""
-        import torch  # imported here so `kdcache --help` and `kdcache info` start fast
-
-        logical = self.arrays[name].get("logical_dtype")
-        if logical == "bfloat16":
-            return torch.from_numpy(np.ascontiguousarray(data).view(np.int16)).view(torch.bfloat16)
-        return torch.from_numpy(np.ascontiguousarray(data))
-
-    def meta_table(self):
-        """The per-row Parquet table (index, label, teacher top-1, probability, entropy, margin)."""
+    # --- the per-row table ------------------------------------------------------------------------
+    def table(self):
+        """The per-row Parquet table of the committed chunks (a pyarrow Table)."""
         import pyarrow.parquet as pq
 
-        parts = [self.location.path(fmt.meta_part_name(c)) for c in range(self.num_chunks)]
+        parts = [self.location.path(sc.table_part_name(c)) for c in self.committed_chunks()]
         return pq.ParquetDataset(parts, filesystem=self.location.fs).read()
 
-    # --- checks -----------------------------------------------------------------------------------
+    def crc(self, name: str, chunk: int) -> tuple[int, int]:
+        """CRC32C and size of a chunk exactly as stored (the fill chunk when it has no file)."""
+        if name == sc.TABLE:
+            data = self.location.read_bytes(sc.table_part_name(chunk))
+            return bytes_crc(data), len(data)
+        layout = self.layouts[name]
+        if layout.raw:
+            try:
+                data = self.location.read_bytes(layout.key(chunk))
+            except FileNotFoundError:
+                data = layout.fill_chunk
+            else:
+                if len(data) != layout.nbytes:
+                    raise StoreError(f"holds {len(data)} bytes, expected {layout.nbytes} (truncated?)")
+        else:
+            data = self.read_chunk(layout, chunk)
+        return bytes_crc(data), layout.nbytes
+
+    # --- checks ---------------------------------------------------------------------------------
     def check(self, *, teacher: str | None = None, data: str | None = None, capture: str | None = None) -> None:
         """Refuse the cache if a fingerprint differs from the one given (naming which, both values)."""
         found = mismatches(self.manifest, teacher, data, capture)
@@ -271,69 +353,22 @@ class Cache(fmt.ManifestLayout):
             raise FingerprintMismatchError(f"cache {self.url!r} does not match this run: " + "; ".join(found))
 
 
-class _MapCache:
-    """The most recently used chunk maps of a complete cache, so a chunk read again next epoch is
-    not mapped (and page-faulted in) again. Bounded: each map holds a file descriptor."""
-
-    def __init__(self, capacity: int | None = None) -> None:
-        self.capacity = capacity if capacity is not None else _map_capacity()
-        self._maps: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, key: tuple[str, int]) -> np.ndarray | None:
-        with self._lock:
-            raw = self._maps.get(key)
-            if raw is not None:
-                self._maps.move_to_end(key)
-            return raw
-
-    def put(self, key: tuple[str, int], raw: np.ndarray) -> None:
-        with self._lock:
-            self._maps[key] = raw
-            while len(self._maps) > self.capacity:
-                self._maps.popitem(last=False)
-
-    def __getstate__(self) -> dict:  # DataLoader workers start with no maps of their own
-        return {"capacity": self.capacity}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__init__(state["capacity"])
-
-
-def _map_capacity() -> int:
-    """A quarter of the file-descriptor limit, at most 1024 maps."""
-    try:
-        import resource
-
-        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    except (ImportError, ValueError, OSError):
-        soft = 1024
-    return max(16, min(1024, (soft if soft > 0 else 1024) // 4))
-
-
-def committed_chunks(loc: Location) -> list[int]:
-    chunks = []
-    for name in loc.list(fmt.COMMITS_DIR):
-        stem = name.removesuffix(".json")
-        if name.endswith(".json") and stem.isdigit():
-            chunks.append(int(stem))
-    return sorted(chunks)
-
-
 def open_cache(url: str | os.PathLike, *, require_complete: bool = True, teacher: Any = None, data: Any = None,
                capture: Any = None) -> Cache:
-    """Open the kdcache store at ``url`` (a path or fsspec URL) for reading.
+    """Open the kdcache cache at ``url`` (a path or fsspec URL) for reading.
 
-    ``teacher`` (an ``nn.Module`` or its sha256), ``data`` (a dataset or its fingerprint) and
-    ``capture`` (the capture settings dict or its fingerprint): when given, a cache made from
+    ``teacher`` (an ``nn.Module`` or its digest), ``data`` (a dataset or its fingerprint) and
+    ``capture`` (a list of capture specs or the capture fingerprint): when given, a cache made from
     anything else is refused with :class:`FingerprintMismatchError`, naming what differs.
     """
-    from kdcache.fingerprint import data_fingerprint, settings_digest, teacher_digest
+    from kdcache.fingerprint import data_fingerprint, teacher_fingerprint
 
     cache = Cache(url, require_complete=require_complete)
-    cache.check(
-        teacher=teacher if teacher is None or isinstance(teacher, str) else teacher_digest(teacher),
-        data=data if data is None or isinstance(data, str) else data_fingerprint(data),
-        capture=capture if capture is None or isinstance(capture, str) else settings_digest(capture),
-    )
+    if teacher is not None and not isinstance(teacher, str):
+        teacher = teacher_fingerprint(teacher).digest
+    if data is not None and not isinstance(data, str):
+        data = data_fingerprint(data, check=cache.manifest.data.check)
+    if capture is not None and not isinstance(capture, str):
+        capture = sc.capture_fingerprint(tuple(capture))
+    cache.check(teacher=teacher, data=data, capture=capture)
     return cache

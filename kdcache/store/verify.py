@@ -1,7 +1,9 @@
 """`kdcache verify`: recompute every chunk's CRC32C and compare with its commit record.
 
-Reads each chunk once, in storage order (plain file reads for local uncompressed arrays), and
-hashes it with hardware CRC32C, so verifying costs about as much as reading the bytes.
+Reads each chunk once (plain file reads for arrays stored as plain bytes) and hashes it with
+hardware CRC32C on every core, so verifying costs about as much as reading the bytes. A chunk file
+that is missing means the array's fill value (Zarr's rule): it verifies when the committed chunk
+held only fill values, as a store copied by a tool that skips empty chunks does.
 """
 
 from __future__ import annotations
@@ -12,8 +14,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from kdcache.errors import StoreError
-from kdcache.store import format as fmt
-from kdcache.store.checksum import bytes_crc
+from kdcache.store import schema as sc
+from kdcache.store.chunks import ChunkLayout
 from kdcache.store.reader import Cache
 
 
@@ -42,16 +44,16 @@ class Report:
 
 
 def verify(cache: Cache, on_chunk=None, threads: int | None = None) -> Report:
-    """Check every chunk of every array and every Parquet part against the commit records.
+    """Check the metadata, then every chunk of every array and every Parquet part.
 
     Chunks are checked by ``threads`` threads (default: one per core); the CRC releases the GIL,
     so they run in parallel. Problems are reported in chunk order whatever the threads do.
     """
     report = Report()
     _check_group_metadata(cache, report)
-    _check_array_metadata(cache, report)
+    layouts = _check_array_metadata(cache, report)
     with ThreadPoolExecutor(threads or os.cpu_count() or 1) as pool:
-        for chunk, part in enumerate(pool.map(lambda c: _verify_chunk(cache, c), range(cache.num_chunks))):
+        for chunk, part in enumerate(pool.map(lambda c: _verify_chunk(cache, layouts, c), range(cache.num_chunks))):
             report.chunks += part.chunks
             report.bytes += part.bytes
             report.pending += part.pending
@@ -61,10 +63,14 @@ def verify(cache: Cache, on_chunk=None, threads: int | None = None) -> Report:
     return report
 
 
-def _verify_chunk(cache: Cache, chunk: int) -> Report:
+def _verify_chunk(cache: Cache, layouts: dict[str, ChunkLayout], chunk: int) -> Report:
     report = Report()
     rows = cache.chunk_bounds(chunk)
-    record = cache.commit_record(chunk)
+    try:
+        record = cache.commit_record(chunk)
+    except StoreError as e:
+        report.problems.append(Problem("*", chunk, rows, f"bad commit record: {e}"))
+        return report
     if record is None:
         if cache.complete:
             report.problems.append(Problem("*", chunk, rows, "no commit record (lost or deleted)"))
@@ -72,21 +78,10 @@ def _verify_chunk(cache: Cache, chunk: int) -> Report:
             report.pending += 1
         return report
     report.chunks += 1
-    sums = record.get("crc32c", {})
-    for name in [*cache.arrays, fmt.META_DIR]:
-        expected = sums.get(name)
+    for name in [*layouts, sc.TABLE]:
+        expected = record.crc32c.get(name)
         try:
-            if name == fmt.META_DIR:
-                data = cache.location.read_bytes(fmt.meta_part_name(chunk))
-                actual, size = bytes_crc(data), len(data)
-            elif cache.raw_chunks(name):  # the file's bytes are the chunk: no decoding, no mapping
-                data = cache.location.read_bytes(cache.chunk_key(name, chunk))
-                if len(data) != cache.chunk_nbytes(name):
-                    raise StoreError(f"holds {len(data)} bytes, expected {cache.chunk_nbytes(name)} (truncated?)")
-                actual, size = bytes_crc(data), len(data)
-            else:
-                data = cache.read_chunk(name, chunk, padded=True)
-                actual, size = bytes_crc(data), data.nbytes
+            actual, size = cache.crc(name, chunk)
         except FileNotFoundError:
             report.problems.append(Problem(name, chunk, rows, "missing"))
             continue
@@ -103,7 +98,7 @@ def _verify_chunk(cache: Cache, chunk: int) -> Report:
 
 
 def _check_group_metadata(cache: Cache, report: Report) -> None:
-    """The group's zarr.json: kdcache falls back on its manifest copy, zarr and dask cannot."""
+    """The group's zarr.json: kdcache falls back on its manifest copy, zarr and xarray cannot."""
     what = None
     try:
         doc = json.loads(cache.location.read_bytes("zarr.json"))
@@ -113,30 +108,25 @@ def _check_group_metadata(cache: Cache, report: Report) -> None:
         what = "group metadata (zarr.json) is not valid JSON"
     else:
         attrs = doc.get("attributes") if isinstance(doc, dict) else None
-        if not isinstance(attrs, dict) or not isinstance(attrs.get(fmt.MANIFEST_ATTR), dict):
-            what = f"group metadata (zarr.json) has no {fmt.MANIFEST_ATTR!r} manifest"
+        if not isinstance(attrs, dict) or not isinstance(attrs.get(sc.MANIFEST_ATTR), dict):
+            what = f"group metadata (zarr.json) has no {sc.MANIFEST_ATTR!r} manifest"
     if what:
         report.problems.append(Problem("(group)", -1, (0, cache.rows), what))
 
 
-def _check_array_metadata(cache: Cache, report: Report) -> None:
-    for name, spec in cache.arrays.items():
-        rows = (0, cache.rows)
+def _check_array_metadata(cache: Cache, report: Report) -> dict[str, ChunkLayout]:
+    """Each array's zarr.json; the arrays whose metadata is sound are checked chunk by chunk."""
+    layouts = {}
+    for spec in cache.manifest.arrays:
         try:
-            meta = json.loads(cache.location.read_bytes(f"{name}/zarr.json"))
-        except FileNotFoundError:
-            report.problems.append(Problem(name, -1, rows, "array metadata (zarr.json) is missing"))
-            continue
-        except ValueError:
-            report.problems.append(Problem(name, -1, rows, "array metadata (zarr.json) is not valid JSON"))
-            continue
-        if list(meta.get("shape", [])) != list(spec["shape"]) or meta.get("data_type") != spec["dtype"]:
-            report.problems.append(Problem(name, -1, rows, f"array metadata says shape {meta.get('shape')} "
-                                           f"{meta.get('data_type')}, the manifest {spec['shape']} {spec['dtype']}"))
+            layouts[spec.name] = ChunkLayout.read(cache.location, spec, cache.chunk_rows)
+        except StoreError as e:
+            report.problems.append(Problem(spec.name, -1, (0, cache.rows), str(e)))
+    return layouts
 
 
 def open_for_verify(path: str) -> Cache:
     cache = Cache(path, require_complete=False)
-    if not cache.arrays:
-        raise StoreError(f"cache {path!r} has no arrays yet (the dump never got past its first batch)")
+    if not cache.manifest.arrays:
+        raise StoreError(f"cache {path!r} has no arrays yet (its dump stopped before its first batch)")
     return cache

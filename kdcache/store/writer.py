@@ -1,383 +1,296 @@
 """Writing a cache: create or resume, write whole chunks with commit records, finalize.
 
-Protocol (so a crash at any moment costs at most the chunks in flight):
+Protocol (a failure at any moment costs at most the chunks in flight; see :mod:`.faults` for the
+named points a test can stop it at):
 
-1. ``begin`` takes the write lock, then either starts a new store (manifest ``status: writing``),
-   resumes a partial one with the same fingerprints, or reports that an identical complete cache
-   already exists (reuse).
-2. ``create_arrays`` (one coordinator) makes every array at full size before any chunk is written.
-3. ``write_chunk`` writes one chunk's rows of every array, its Parquet part, and last its commit
-   record (row range + CRC32C per array). A chunk with no commit record is redone on resume.
-4. ``finalize`` checks every chunk has a commit record and publishes ``status: complete``.
+1. :meth:`Writer.begin` surveys the path, takes the write lock, then starts a new cache, resumes a
+   partial one made from the same teacher, data and capture, or reports that an identical complete
+   cache is already there (reuse). Only ``--overwrite`` ever removes committed chunks, and nothing
+   but a kdcache cache is ever removed.
+2. :meth:`create_arrays` (one coordinator) makes every array at full size before any chunk is
+   written; writers never resize arrays or touch attributes afterwards (zarr has no locking).
+3. :meth:`write_chunk` writes one chunk of every array, then its Parquet part, then its commit
+   record (row range, generation, CRC32C of every file). A chunk without a record is redone.
+4. :meth:`finalize` checks that every chunk is committed and publishes ``status: complete``.
+
+On failure the caller calls :meth:`abandon`: the lock is released and committed chunks are kept
+(``status: writing``) so the same command resumes; a cache this run created that holds no
+committed chunk is removed.
 """
 
 from __future__ import annotations
 
 import io
 import json
-import os
-import re
-import socket
-import time
-import uuid
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 
-from kdcache.errors import FingerprintMismatchError, StoreError, StoreLockedError
-from kdcache.store import format as fmt
+from kdcache.errors import FingerprintMismatchError, StoreError
+from kdcache.store import faults
+from kdcache.store import schema as sc
 from kdcache.store.checksum import bytes_crc
+from kdcache.store.chunks import ChunkLayout
 from kdcache.store.fs import Location
-from kdcache.store.reader import committed_chunks, mismatches, read_manifest
+from kdcache.store.lock import Lock
+from kdcache.store.reader import committed_chunks, location, mismatches, survey
+from kdcache.store.schema import ArraySpec, CommitRecord, Manifest
 
-LOCK_STALE_SECONDS = 15 * 60
 
-
-class Writer(fmt.ManifestLayout):
-    def __init__(self, loc: Location, manifest: dict[str, Any], fresh: bool) -> None:
+class Writer:
+    def __init__(self, loc: Location, manifest: Manifest, lock: Lock, created: bool, made_folder: bool = False) -> None:
         self.location = loc
         self.manifest = manifest
-        self.fresh = fresh  # created by this run: removed again if the run fails on bad input
-        self._arrays: dict[str, Any] = {}
-        self._group = None
+        self.lock = lock
+        self.created = created  # this run started the cache: it may remove it while nothing is committed
+        self.made_folder = made_folder  # ... and the folder itself did not exist before
+        self.layouts: dict[str, ChunkLayout] = {}
 
     # --- opening ----------------------------------------------------------------------------------
     @classmethod
-    def begin(cls, url: str, manifest: dict[str, Any], *, overwrite: bool, resume: bool,
-              flag: str = "--out") -> "Writer | None":
-        """Open ``url`` for writing the cache described by ``manifest``; ``None`` means reuse.
+    def begin(cls, url: str, manifest: Manifest, *, overwrite: bool = False, resume: bool = True,
+              what: str = "--out") -> "Writer | None":
+        """Open ``url`` for writing the cache ``manifest`` describes; ``None`` means reuse.
 
-        ``manifest`` carries the run's ``teacher``/``data``/``capture`` fingerprints and layout.
+        ``manifest`` carries the run's fingerprints and layout; its arrays are declared later.
         """
-        loc = Location(url)
-        fps = dict(teacher=manifest["teacher"]["sha256"], data=manifest["data"]["fingerprint"],
-                   capture=manifest["capture"]["fingerprint"])
-
-        def reusable(existing: dict[str, Any] | None) -> bool:
-            if existing is None or existing["status"] != fmt.STATUS_COMPLETE or overwrite:
-                return False
-            found = mismatches(existing, **fps)
-            if found:
-                raise FingerprintMismatchError(
-                    f"{flag} {url!r} holds a complete cache made from something else: " + "; ".join(found)
-                    + ". Pass --overwrite to replace it, or choose another path"
-                )
-            return True
-
-        if reusable(read_manifest(loc, what=flag)):
-            _break_stale_lock(loc)  # left by a dump killed after it published `complete`
+        loc = location(url)
+        where = f"{what} {loc.url!r}"
+        if _reusable(survey(loc), manifest, overwrite, where):
+            Lock(loc, sc.LOCK_FILE, where).break_if_stale()  # left by a dump killed after `complete`
             return None
-        _acquire_lock(loc, flag)
+        found = survey(loc)
+        if found.state == "foreign":
+            raise StoreError(f"{where}: {found.problem}; refusing to write there (choose an empty or new path)")
+        made_folder = found.state == "empty" and not loc.exists()
+        lock = Lock(loc, sc.LOCK_FILE, where)
+        lock.acquire()
         try:
-            # Read again under the lock: another dump may have finished (or changed it) meanwhile.
-            existing = read_manifest(loc, what=flag)
-            if reusable(existing):
-                _release_lock(loc)
+            found = survey(loc)  # again, under the lock: another dump may have finished meanwhile
+            if _reusable(found, manifest, overwrite, where):
+                lock.release()
                 return None
-            if existing is not None and not overwrite:
-                found = mismatches(existing, **fps)
-                if found:
-                    raise FingerprintMismatchError(
-                        f"{flag} {url!r} holds a partial dump of something else: " + "; ".join(found)
-                        + ". Pass --overwrite to start over"
-                    )
-                if not resume:
-                    raise StoreError(f"{flag} {url!r} holds a partial dump; pass --resume to continue "
-                                     "it or --overwrite to start over")
-                _sweep_leftovers(loc)
-                writer = cls(loc, existing, fresh=False)
-                writer._repair_group_metadata()
-                writer._publish(existing)  # puts the manifest back into zarr.json from the writer's copy
-                return writer
+            if found.state == "store" and not overwrite:
+                return cls._resume(loc, found, manifest, lock, resume, where)
+            if found.state == "abandoned" and found.commits and not overwrite:
+                raise StoreError(f"{where}: holds {found.commits} committed chunks but no readable manifest "
+                                 f"({found.problem}); pass --overwrite to start over")
+            created = found.state in ("empty", "abandoned")
             _clear(loc)
-            manifest = {**manifest, "status": fmt.STATUS_WRITING, "created_at": fmt.now()}
-            writer = cls(loc, manifest, fresh=existing is None)
-            writer._publish(manifest, create=True)
+            fresh = manifest.replace(status=sc.STATUS_WRITING, generation=sc.new_generation(), created_at=sc.now(),
+                                     arrays=(), columns=())
+            writer = cls(loc, fresh, lock, created, made_folder)
+            writer._write_internal_node()
+            writer._publish(fresh, first=True)
             return writer
         except BaseException:
-            _release_lock(loc)
+            lock.release()
             raise
 
-    def pending_chunks(self) -> list[int]:
-        done = set(committed_chunks(self.location))
-        return [c for c in range(self.num_chunks) if c not in done]
+    @classmethod
+    def _resume(cls, loc: Location, found, manifest: Manifest, lock: Lock, resume: bool, where: str) -> "Writer":
+        existing = found.manifest
+        if existing is None:  # an old format version, or a damaged manifest
+            raise StoreError(f"{where}: {found.problem}")
+        differ = mismatches(existing, manifest.teacher.digest, manifest.data.fingerprint, manifest.capture_fingerprint)
+        if differ:
+            raise FingerprintMismatchError(f"{where} holds a partial dump of something else: " + "; ".join(differ)
+                                           + ". Pass --overwrite to start over")
+        layout = _layout_differences(existing, manifest)
+        if layout:
+            raise StoreError(f"{where} holds a partial dump with {layout}; run with the same settings to "
+                             "resume, or pass --overwrite to start over")
+        if not resume:
+            raise StoreError(f"{where} holds a partial dump ({found.commits} chunks committed); pass --resume "
+                             "to continue it or --overwrite to start over")
+        _sweep_scratch(loc)
+        writer = cls(loc, existing, lock, created=False)
+        writer._write_internal_node()
+        writer._publish(existing)  # repairs a damaged zarr.json from the writer's copy
+        return writer
 
     # --- arrays -----------------------------------------------------------------------------------
-    def create_arrays(self, specs: dict[str, dict[str, Any]]) -> None:
-        """Create every array at full size (or check the existing ones match, when resuming)."""
-        existing = self.manifest.get("arrays")
-        if existing:
-            if existing != specs:
-                raise StoreError(
-                    f"{self.location.url!r}: the partial dump has arrays {existing}, this run makes {specs}; "
-                    "pass --overwrite to start over"
-                )
-            return
-        group = self._open_group()
-        for name, spec in specs.items():
-            attrs = {"logical_dtype": spec["logical_dtype"]} if "logical_dtype" in spec else {}
-            group.create_array(
-                name, shape=tuple(spec["shape"]), dtype=spec["dtype"],
-                chunks=(self.chunk_rows, *spec["shape"][1:]), compressors=None, filters=None,
-                fill_value=0, config={"write_empty_chunks": True}, attributes=attrs, overwrite=True,
-            )
-        self._publish({**self.manifest, "arrays": specs})
+    def create_arrays(self, arrays: Iterable[ArraySpec], columns: Iterable[str]) -> None:
+        """Create every array at full size (or check a resumed cache declares the same ones)."""
+        arrays, columns = tuple(arrays), tuple(columns)
+        if self.manifest.arrays:
+            if self.manifest.arrays != arrays or self.manifest.columns != columns:
+                have = ", ".join(f"{a.name} {list(a.shape)} {a.dtype}" for a in self.manifest.arrays)
+                want = ", ".join(f"{a.name} {list(a.shape)} {a.dtype}" for a in arrays)
+                raise StoreError(f"{self.location.url!r}: the partial dump has arrays {have}; this run makes "
+                                 f"{want}; pass --overwrite to start over")
+        else:
+            for spec in arrays:
+                self._write_array_metadata(spec)
+            self._publish(self.manifest.replace(arrays=arrays, columns=columns))
+        self.layouts = {a.name: ChunkLayout.read(self.location, a, self.manifest.chunk_rows) for a in arrays}
+        for layout in self.layouts.values():
+            if not layout.raw:
+                raise StoreError(f"{self.location.url!r}: array {layout.spec.name!r} is not stored as plain bytes; "
+                                 "it was changed by another tool: pass --overwrite to start over")
 
-    def write_chunk(self, chunk: int, arrays: dict[str, np.ndarray], meta) -> None:
+    def _write_array_metadata(self, spec: ArraySpec) -> None:
+        parts = spec.name.split("/")
+        for i in range(1, len(parts)):  # parent groups of nested names ("topk/value")
+            group = "/".join(parts[:i])
+            if not self.location.exists(group, "zarr.json"):
+                self.location.write_bytes(f"{group}/zarr.json", _json({"zarr_format": 3, "node_type": "group",
+                                                                       "attributes": {}}))
+        self.location.write_bytes(f"{spec.name}/zarr.json", _json(array_metadata(spec, self.manifest.chunk_rows)))
+
+    # --- chunks -----------------------------------------------------------------------------------
+    def committed_chunks(self) -> list[int]:
+        return [c for c in committed_chunks(self.location) if c < self.manifest.num_chunks]
+
+    def committed_rows(self) -> int:
+        return sum(b - a for a, b in map(self.manifest.chunk_bounds, self.committed_chunks()))
+
+    def pending_chunks(self) -> list[int]:
+        done = set(self.committed_chunks())
+        return [c for c in range(self.manifest.num_chunks) if c not in done]
+
+    def write_chunk(self, chunk: int, arrays: dict[str, np.ndarray], table) -> None:
         """Write one whole chunk of every array, its Parquet part, then its commit record."""
         import pyarrow.parquet as pq
 
-        start, stop = self.chunk_bounds(chunk)
+        start, stop = self.manifest.chunk_bounds(chunk)
+        if set(arrays) != set(self.layouts):
+            raise StoreError(f"chunk {chunk}: got arrays {sorted(arrays)}, the cache declares {sorted(self.layouts)}")
         crcs: dict[str, int] = {}
-        for name, data in arrays.items():
-            if data.shape[0] != stop - start:
-                raise ValueError(f"chunk {chunk} of {name!r}: {data.shape[0]} rows, expected {stop - start}")
-            padded = _pad_rows(np.ascontiguousarray(data), self.chunk_rows)  # the chunk as stored
-            if self.location.is_local:
-                # Our arrays are uncompressed with zarr's default chunk keys, so a chunk file is the
-                # padded rows' bytes: writing it directly costs half of zarr's write path.
-                self.location.write_bytes(fmt.chunk_key(name, chunk, data.ndim), padded)
-            else:
-                self._array(name)[start:stop] = data
+        for name, layout in self.layouts.items():
+            data = arrays[name]
+            if data.shape != (stop - start, *layout.spec.row_shape):
+                raise StoreError(f"chunk {chunk} of {name!r}: shape {data.shape}, the cache declares "
+                                 f"{(stop - start, *layout.spec.row_shape)}")
+            padded = layout.pad(data)  # the chunk as stored: a plain-bytes file is exactly this
+            self.location.write_bytes(layout.key(chunk), padded)
             crcs[name] = bytes_crc(padded)
+        faults.hit("chunk-data", chunk)
         buf = io.BytesIO()
-        pq.write_table(meta, buf, row_group_size=max(len(meta), 1), compression="zstd")
+        pq.write_table(table, buf, row_group_size=max(len(table), 1), compression="zstd")
         part = buf.getvalue()
-        self.location.write_bytes(fmt.meta_part_name(chunk), part)
-        crcs[fmt.META_DIR] = bytes_crc(part)
-        record = {"chunk": chunk, "rows": [start, stop], "crc32c": crcs}
-        self.location.write_bytes(fmt.commit_name(chunk), json.dumps(record, sort_keys=True).encode())
+        self.location.write_bytes(sc.table_part_name(chunk), part)
+        crcs[sc.TABLE] = bytes_crc(part)
+        faults.hit("chunk-table", chunk)
+        record = CommitRecord(chunk, (start, stop), self.manifest.generation, crcs)
+        self.location.write_bytes(sc.commit_name(chunk), record.to_json())
+        faults.hit("chunk-commit", chunk)
 
-    def finalize(self) -> dict[str, Any]:
+    # --- ending -----------------------------------------------------------------------------------
+    def finalize(self) -> Manifest:
         """Publish ``status: complete`` once every chunk is committed; release the lock."""
         missing = self.pending_chunks()
         if missing:
             raise StoreError(f"{self.location.url!r}: chunks {missing[:10]} have no commit record; cannot complete")
-        manifest = {**self.manifest, "status": fmt.STATUS_COMPLETE, "completed_at": fmt.now()}
-        self._publish(manifest)
-        self.close()
-        return manifest
+        self._publish(self.manifest.replace(status=sc.STATUS_COMPLETE, completed_at=sc.now()), point="finalize")
+        self.lock.release()
+        return self.manifest
 
-    def close(self) -> None:
-        _release_lock(self.location)
+    def abandon(self) -> int:
+        """After a failure: keep what is committed (the same command resumes), release the lock.
 
-    def discard(self) -> None:
-        """Remove a store this run created (after bad input); a resumed store is kept as it was."""
-        if self.fresh:
-            self.location.remove()
-        else:
-            self.close()
+        Returns the committed rows kept. A cache this run created with nothing committed is
+        removed: there is nothing in it to keep.
+        """
+        kept = self.committed_rows()
+        if kept == 0 and self.created:
+            _clear(self.location, keep_lock=False)
+            if self.made_folder and not self.location.list():
+                self.location.remove()
+        self.lock.release()
+        return kept
 
     # --- internals --------------------------------------------------------------------------------
-    def _open_group(self):
-        import zarr
+    def _write_internal_node(self) -> None:
+        if not self.location.exists(sc.INTERNAL, "zarr.json"):
+            self.location.write_bytes(f"{sc.INTERNAL}/zarr.json", _json(INTERNAL_NODE))
 
-        if self._group is None:
-            self._group = zarr.open_group(self.location.zarr_store(), mode="a")
-        return self._group
-
-    def _array(self, name: str):
-        if name not in self._arrays:
-            self._arrays[name] = self._open_group()[name]
-        return self._arrays[name]
-
-    def _repair_group_metadata(self) -> None:
-        """Replace a damaged group zarr.json (the manifest was read from the writer's copy) with a bare
-        group, so zarr can open it; ``_publish`` then writes the manifest attribute back."""
-        try:
-            doc = json.loads(self.location.read_bytes("zarr.json"))
-            if isinstance(doc, dict) and doc.get("zarr_format") == 3 and doc.get("node_type") == "group":
-                return
-        except FileNotFoundError:
-            return  # opening the group creates it
-        except (ValueError, UnicodeDecodeError):
-            pass
-        bare = {"zarr_format": 3, "node_type": "group", "attributes": {}}
-        self.location.write_bytes("zarr.json", json.dumps(bare).encode())
-
-    def _publish(self, manifest: dict[str, Any], create: bool = False) -> None:
+    def _publish(self, manifest: Manifest, first: bool = False, point: str = "manifest") -> None:
         """Write the manifest: the writer's copy first, then the group attribute readers use."""
-        import zarr
-
-        manifest = {**manifest, "updated_at": fmt.now()}
-        self.location.write_bytes(fmt.MANIFEST_COPY, json.dumps(manifest, indent=1).encode())
-        if create:
-            # mode "a", not "w": "w" empties the whole folder, our lock and manifest copy included.
-            # The folder was emptied (but for the lock) by ``_clear``, so this makes a new group.
-            self._group = zarr.open_group(self.location.zarr_store(), mode="a")
-        self._open_group().attrs[fmt.MANIFEST_ATTR] = manifest
+        manifest = manifest.replace(updated_at=sc.now())
+        doc = manifest.to_dict()
+        self.location.write_bytes(sc.MANIFEST_COPY, _json(doc, indent=1))
+        if first or point == "finalize":
+            faults.hit(point)
+        group = {"zarr_format": 3, "node_type": "group", "attributes": {sc.MANIFEST_ATTR: doc}}
+        self.location.write_bytes("zarr.json", _json(group, indent=1))
         self.manifest = manifest
 
 
-def _pad_rows(data: np.ndarray, rows: int) -> np.ndarray:
-    """``data`` followed by zero rows (zarr's fill value) up to ``rows`` rows."""
-    if data.shape[0] == rows:
-        return data
-    padded = np.zeros((rows, *data.shape[1:]), dtype=data.dtype)
-    padded[: data.shape[0]] = data
-    return padded
+def _reusable(found, manifest: Manifest, overwrite: bool, where: str) -> bool:
+    """A complete cache of the same fingerprints is reused; of other ones, refused."""
+    existing = found.manifest
+    if overwrite or existing is None or not existing.complete:
+        return False
+    differ = mismatches(existing, manifest.teacher.digest, manifest.data.fingerprint, manifest.capture_fingerprint)
+    if differ:
+        raise FingerprintMismatchError(f"{where} holds a complete cache made from something else: "
+                                       + "; ".join(differ) + ". Pass --overwrite to replace it, or choose another path")
+    return True
 
 
-def _clear(loc: Location) -> None:
-    """Empty a store folder, keeping the lock this run holds (and the temporary files of other
-    dumps trying to take it, which are about to be refused)."""
-    lock_name = fmt.LOCK_FILE.rsplit("/", 1)[-1]
+def _layout_differences(existing: Manifest, run: Manifest) -> str:
+    found = []
+    if existing.rows != run.rows:
+        found.append(f"{existing.rows} rows (this run: {run.rows})")
+    if run.chunk_rows and existing.chunk_rows != run.chunk_rows:
+        found.append(f"chunks of {existing.chunk_rows} rows (this run: {run.chunk_rows})")
+    if existing.order != run.order:
+        found.append(f"row order {existing.order.to_dict()} (this run: {run.order.to_dict()})")
+    return "; ".join(found)
+
+
+def array_metadata(spec: ArraySpec, chunk_rows: int) -> dict[str, Any]:
+    """The array's zarr.json, as zarr itself writes it: uncompressed, row-chunked, named dims."""
+    from zarr.core.dtype import parse_data_type
+    from zarr.core.metadata.v3 import ArrayV3Metadata
+
+    meta = ArrayV3Metadata(
+        shape=spec.shape, data_type=parse_data_type(np.dtype(spec.dtype), zarr_format=3),
+        chunk_grid={"name": "regular", "configuration": {"chunk_shape": list(spec.chunk_shape(chunk_rows))}},
+        chunk_key_encoding={"name": "default", "configuration": {"separator": "/"}},
+        fill_value=spec.fill_value, codecs=[{"name": "bytes", "configuration": {"endian": "little"}}],
+        attributes={"logical_dtype": spec.logical_dtype}, dimension_names=spec.dims,
+    )
+    return meta.to_dict()
+
+
+# A 0-d array node: stock zarr sees a node (no warning) and never lists inside it.
+INTERNAL_NODE = {
+    "zarr_format": 3, "node_type": "array", "shape": [], "data_type": "uint8",
+    "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": []}},
+    "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
+    "fill_value": 0, "codecs": [{"name": "bytes"}],
+    "attributes": {"description": "kdcache's own files (commit records, per-row table in table/*.parquet, "
+                                  "lock, manifest copy); not data"},
+}
+
+
+def _json(doc: Any, indent: int | None = None) -> bytes:
+    return json.dumps(doc, indent=indent, default=_json_default).encode()
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+def _clear(loc: Location, keep_lock: bool = True) -> None:
+    """Empty a cache folder. Commit records go first, so a reader of the old cache fails on its
+    next chunk instead of reading half-removed data; the lock this run holds stays."""
+    loc.remove(sc.COMMITS_DIR)
+    lock_name = sc.LOCK_FILE.rsplit("/", 1)[-1]
     for name in loc.list():
-        if name == fmt.INTERNAL_DIR:
-            for inner in loc.list(fmt.INTERNAL_DIR):
-                if not inner.startswith(lock_name):
-                    loc.remove(fmt.INTERNAL_DIR, inner)
-        else:
+        if name != sc.INTERNAL:
             loc.remove(name)
+    for name in loc.list(sc.INTERNAL):
+        if not (keep_lock and name.startswith(lock_name)):
+            loc.remove(sc.INTERNAL, name)
+    if not keep_lock:
+        loc.remove(sc.INTERNAL)
 
 
-# --- the write lock -------------------------------------------------------------------------------
-def _lock_owner() -> dict[str, Any]:
-    return {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
-
-
-def _acquire_lock(loc: Location, flag: str) -> None:
-    """Take ``_kdcache/lock.json``; a lock is stale when its process is gone (same host), when it
-    is older than ``LOCK_STALE_SECONDS`` on another host, or when it is empty or unreadable."""
-    owner = json.dumps(_lock_owner()).encode()
-    path = loc.path(fmt.LOCK_FILE)
-    for _ in range(3):
-        if _create_lock(loc, owner):
-            return
-        try:
-            raw = loc.read_bytes(fmt.LOCK_FILE)
-        except FileNotFoundError:
-            continue  # released meanwhile: try again
-        held = _parse_lock(raw)
-        if not _is_stale(held):
-            since = held.get("since")
-            age = f", for {time.time() - since:.0f} s" if isinstance(since, (int, float)) else ""
-            raise StoreLockedError(
-                f"{flag} {loc.url!r} is being written by another dump (pid {held.get('pid')} on "
-                f"{held.get('host')}{age}); wait for it, or remove {path} if that process is gone"
-            )
-        _break_lock(loc, raw)
-    raise StoreLockedError(f"{flag} {loc.url!r}: could not take the write lock {path}")
-
-
-def _create_lock(loc: Location, owner: bytes) -> bool:
-    """Create the lock file holding ``owner``; ``False`` if a lock file exists."""
-    if not loc.is_local:  # object stores: best effort, no atomic create
-        if loc.exists(fmt.LOCK_FILE):
-            return False
-        loc.write_bytes(fmt.LOCK_FILE, owner)
-        return True
-    path = loc.path(fmt.LOCK_FILE)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    # Write the owner to a private file, then hard-link it into place: the link fails when a lock
-    # exists, and the lock appears with its content. (Created empty and then written, a live
-    # dump's lock could be read empty, taken for a torn one, and broken.)
-    tmp = f"{path}.{uuid.uuid4().hex}{_LOCK_TMP}"
-    with open(tmp, "wb") as f:
-        f.write(owner)
-        f.flush()
-        os.fsync(f.fileno())
-    try:
-        os.link(tmp, path)
-        return True
-    except (FileExistsError, FileNotFoundError):  # held; or the folder was just emptied: look again
-        return False
-    except OSError:  # a file system without hard links: exclusive create, then write
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            return False
-        with os.fdopen(fd, "wb") as f:
-            f.write(owner)
-        return True
-    finally:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-
-
-def _parse_lock(raw: bytes) -> dict[str, Any]:
-    try:
-        held = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        return {}
-    return held if isinstance(held, dict) else {}
-
-
-def _break_lock(loc: Location, stale: bytes) -> None:
-    """Remove a lock judged stale from its content ``stale``, unless another dump replaced it since."""
-    if not loc.is_local:
-        loc.remove(fmt.LOCK_FILE)
-        return
-    path = loc.path(fmt.LOCK_FILE)
-    aside = f"{path}.{uuid.uuid4().hex}{_LOCK_TMP}"
-    try:
-        os.rename(path, aside)  # atomic: of two dumps breaking the same stale lock, one moves it
-    except FileNotFoundError:
-        return
-    try:
-        with open(aside, "rb") as f:
-            moved = f.read()
-        if moved != stale:  # a live dump took the lock over meanwhile: give it back
-            try:
-                os.link(aside, path)
-            except FileExistsError:
-                pass
-    finally:
-        os.unlink(aside)
-
-
-def _break_stale_lock(loc: Location) -> None:
-    try:
-        raw = loc.read_bytes(fmt.LOCK_FILE)
-    except FileNotFoundError:
-        return
-    if _is_stale(_parse_lock(raw)):
-        _break_lock(loc, raw)
-
-
-def _is_stale(held: dict[str, Any]) -> bool:
-    if not held:
-        return True  # torn or unreadable lock file: its writer died while writing it
-    if held.get("host") == socket.gethostname():
-        try:
-            os.kill(int(held["pid"]), 0)
-        except ProcessLookupError:
-            return True
-        except (PermissionError, ValueError, KeyError, TypeError, OverflowError):
-            return False
-        return False
-    try:
-        return time.time() - float(held.get("since", 0)) > LOCK_STALE_SECONDS
-    except (TypeError, ValueError):
-        return True
-
-
-def _release_lock(loc: Location) -> None:
-    try:
-        held = _parse_lock(loc.read_bytes(fmt.LOCK_FILE))
-    except FileNotFoundError:
-        return
-    if held.get("pid") == os.getpid() and held.get("host") == socket.gethostname():
-        loc.remove(fmt.LOCK_FILE)
-
-
-# --- leftovers of a killed writer -----------------------------------------------------------------
-_LOCK_TMP = ".lock-tmp"  # the lock's own temporary files: not swept (another dump may be using one)
-_LEFTOVER = re.compile(r"\.[0-9a-f]{32}\.(tmp|partial)$")  # Location.write_bytes's and zarr's
-
-
-def _sweep_leftovers(loc: Location) -> None:
-    """Remove the temporary files a killed writer left behind (local stores; object stores publish
-    a PUT whole). Called with the lock held, before resuming. Temporary names start with a dot, so
-    readers skip them, but each kill would leave one more behind."""
-    if not loc.is_local:
-        return
-    for folder, _, files in os.walk(loc.root):
-        for name in files:
-            if _LEFTOVER.search(name):
-                try:
-                    os.remove(os.path.join(folder, name))
-                except FileNotFoundError:
-                    pass
+def _sweep_scratch(loc: Location) -> None:
+    """Remove the temporary files a killed writer left (with the lock held, before resuming)."""
+    loc.remove(sc.TMP_DIR)
