@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -55,6 +56,14 @@ def friendly(fn):
         except OSError as e:
             _error(_describe_os_error(e, _given_paths(kwargs)))
             raise typer.Exit(1) from None
+        except (typer.Exit, typer.Abort):
+            raise
+        except Exception as e:  # a bug: one line for the user, the traceback on request
+            if os.environ.get("KDCACHE_DEBUG"):
+                raise
+            _error(f"internal error: {type(e).__name__}: {e} (a bug in kdcache: please report it; "
+                   "KDCACHE_DEBUG=1 shows the traceback)")
+            raise typer.Exit(70) from None
     return wrapper
 
 
@@ -231,7 +240,7 @@ def verify(
         report = run_verify(cache, on_chunk=lambda _: bar.advance(task))
     for problem in report.problems:
         err.print(f"[red]bad[/] {escape(str(problem))}", highlight=False)
-    pending = f", {report.pending} not yet committed (status {cache.manifest['status']})" if report.pending else ""
+    pending = f", {report.pending} not yet committed (status {cache.manifest.status})" if report.pending else ""
     if report.problems:
         err.print(f"{escape(path)}: {len(report.problems)} problem(s) in {report.chunks} committed chunks{pending}")
         raise typer.Exit(1)

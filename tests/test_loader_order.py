@@ -1,170 +1,139 @@
-"""Invariants of the sample-order functions: permutations, disjoint covering shards, buffered batches."""
+"""Invariants of the pure order functions: the stable permutation, and an epoch's plan of batches.
+
+No files, no processes: the properties every loader relies on, over stacked parameters.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from kdcache.loader.order import (
-    batch_counts,
-    buffer_rng,
-    chunk_order,
-    num_chunks,
-    partition,
-    shuffle_buffer_batches,
-    worker_rows,
-)
+from kdcache.loader.order import EpochPlan, rank_span, span
+from kdcache.permutation import Permutation
 
 
-@pytest.mark.parametrize("n", [0, 1, 2, 10, 257])
-@pytest.mark.parametrize("seed", [0, 7])
-@pytest.mark.parametrize("epoch", [0, 3])
-def test_chunk_order_is_a_deterministic_permutation(n, seed, epoch):
-    order = chunk_order(n, seed, epoch)
-    assert order.dtype == np.int64
-    assert sorted(order.tolist()) == list(range(n))
-    assert np.array_equal(order, chunk_order(n, seed, epoch))
+# --- the permutation ------------------------------------------------------------------------------
+@pytest.mark.parametrize("n", [0, 1, 2, 3, 4, 5, 17, 64, 65, 1000, 65537])
+@pytest.mark.parametrize("key", [(0,), (1, 2), (2**62, 5, 9)])
+def test_permutation_is_a_bijection(n, key):
+    p = Permutation(n, *key).array()
+    assert p.dtype == np.int64
+    assert np.array_equal(np.sort(p), np.arange(n))
 
 
-@pytest.mark.parametrize("seed", [0, 1, 12345])
-def test_chunk_order_changes_with_epoch_and_seed(seed):
-    orders = {tuple(chunk_order(50, seed, epoch)) for epoch in range(5)}
-    assert len(orders) == 5
-    assert tuple(chunk_order(50, seed, 0)) != tuple(chunk_order(50, seed + 1, 0))
+def test_permutation_is_pinned_forever():
+    """The same (n, key) must give the same order in every kdcache version and on every numpy:
+    a dump resumed after an upgrade puts each item in the same row, or a cache would hold some
+    items twice and others never. These values are the contract."""
+    assert Permutation(10, 1, 2).array().tolist() == [3, 4, 5, 7, 0, 6, 2, 1, 8, 9]
+    assert Permutation(1000, 0, 0x6F72646572)(np.array([0, 1, 2, 999])).tolist() == [134, 163, 573, 428]
+    assert Permutation(2**40, 7)(np.array([0, 12345, 2**40 - 1])).tolist() == [277316314021, 517382760835,
+                                                                                447285974206]
 
 
-def test_chunk_order_without_shuffle_is_identity():
-    assert chunk_order(6, 3, 9, shuffle=False).tolist() == list(range(6))
+def test_permutation_random_access_agrees_with_the_whole():
+    p = Permutation(5000, 3)
+    whole = p.array()
+    pick = np.array([4999, 0, 17, 2500, 17])
+    assert np.array_equal(p(pick), whole[pick])
+    with pytest.raises(ValueError, match=r"\[0, 5000\)"):
+        p(np.array([5000]))
 
 
-def _epoch_rows(rows, chunk_rows, order, world, workers, even=False):
-    """Every rank's and worker's rows, checking per-piece invariants on the way."""
-    by_rank = []
+def test_permutation_differs_by_key_and_mixes():
+    a, b = Permutation(10_000, 0).array(), Permutation(10_000, 1).array()
+    assert not np.array_equal(a, b)
+    # a class-sorted dataset (100 classes x 100 items) read through the permutation: a batch of
+    # 256 consecutive rows holds about as many classes as an i.i.d. draw (expected 92.4 of 100)
+    classes = a // 100
+    distinct = [len(np.unique(classes[i: i + 256])) for i in range(0, 10_000 - 255, 256)]
+    assert np.median(distinct) >= 0.95 * 100 * (1 - 0.99**256)
+
+
+# --- epoch plans ----------------------------------------------------------------------------------
+def _epoch(plan_args: dict, world: int, **kw) -> list[list[np.ndarray]]:
+    """Every rank's batches of one epoch."""
+    out = []
     for rank in range(world):
-        rank_rows = []
-        for worker in range(workers):
-            for start, stop in partition(rows, chunk_rows, order, rank, world, worker, workers, even=even):
-                assert 0 <= start < stop <= rows
-                assert start // chunk_rows == (stop - 1) // chunk_rows  # inside one chunk
-                rank_rows.extend(range(start, stop))
-        by_rank.append(rank_rows)
-    return by_rank
+        plan = EpochPlan(rank=rank, world=world, **plan_args, **kw)
+        out.append([plan.batch(b) for b in range(plan.num_batches)])
+    return out
 
 
-@pytest.mark.parametrize("rows", [1, 7, 1000, 1023])
-@pytest.mark.parametrize("chunk_rows", [1, 10, 256])
+@pytest.mark.parametrize("units", [1, 7, 100, 4096, 4097, 10_001])
 @pytest.mark.parametrize("world", [1, 2, 3])
-@pytest.mark.parametrize("workers", [1, 2, 3, 4])
-def test_partition_covers_every_row_once(rows, chunk_rows, world, workers):
-    order = chunk_order(num_chunks(rows, chunk_rows), seed=5, epoch=1)
-    by_rank = _epoch_rows(rows, chunk_rows, order, world, workers)
-    everything = [r for rank_rows in by_rank for r in rank_rows]
-    assert sorted(everything) == list(range(rows))
-    sizes = [len(r) for r in by_rank]
+@pytest.mark.parametrize("block, window", [(4096, 65536), (16, 64), (7, 50)])
+def test_every_unit_once_per_epoch_across_ranks(units, world, block, window):
+    if units < world:
+        return
+    args = dict(units=units, batch_size=32, seed=3, epoch=2, block=block, window=window)
+    ranks = _epoch(args, world)
+    seen = np.concatenate([b for batches in ranks for b in batches])
+    assert np.array_equal(np.sort(seen), np.arange(units))
+    sizes = [sum(len(b) for b in batches) for batches in ranks]
     assert max(sizes) - min(sizes) <= 1
-    for rank in range(world):
-        assert len(by_rank[rank]) == sum(worker_rows(rows, rank, world, workers))
+    for batches in ranks:
+        assert all(len(b) == 32 for b in batches[:-1]) and 0 < len(batches[-1]) <= 32
 
 
-@pytest.mark.parametrize("rows", [7, 1000, 1023])
-@pytest.mark.parametrize("chunk_rows", [1, 10, 256])
-@pytest.mark.parametrize("world", [1, 2, 3])
-def test_partition_follows_the_chunk_order(rows, chunk_rows, world):
-    """Concatenating ranks and workers in order gives the chunks laid out in ``order``."""
-    order = chunk_order(num_chunks(rows, chunk_rows), seed=2, epoch=0)
-    laid_out = [r for c in order for r in range(c * chunk_rows, min((c + 1) * chunk_rows, rows))]
-    by_rank = _epoch_rows(rows, chunk_rows, order, world, workers=2)
-    assert [r for rank_rows in by_rank for r in rank_rows] == laid_out
+@pytest.mark.parametrize("units, world", [(1000, 3), (1001, 4), (64, 2)])
+def test_drop_last_gives_every_rank_the_same_whole_batches(units, world):
+    args = dict(units=units, batch_size=16, seed=0, epoch=0)
+    ranks = _epoch(args, world, drop_last=True)
+    assert len({len(batches) for batches in ranks}) == 1
+    assert all(len(b) == 16 for batches in ranks for b in batches)
+    seen = np.concatenate([b for batches in ranks for b in batches])
+    assert len(np.unique(seen)) == len(seen) == units // world // 16 * 16 * world
 
 
-@pytest.mark.parametrize("rows", [1, 7, 1000, 1023])
-@pytest.mark.parametrize("world", [1, 2, 3])
-@pytest.mark.parametrize("workers", [1, 3])
-def test_partition_even_gives_every_rank_the_same_rows(rows, world, workers):
-    order = chunk_order(num_chunks(rows, 10), seed=0, epoch=4)
-    by_rank = _epoch_rows(rows, 10, order, world, workers, even=True)
-    assert {len(r) for r in by_rank} == {rows // world}
-    everything = [r for rank_rows in by_rank for r in rank_rows]
-    assert len(set(everything)) == len(everything) == rows // world * world
+def test_the_plan_is_a_pure_function_of_its_inputs():
+    a = EpochPlan(5000, 64, seed=1, epoch=3, rank=1, world=2, block=100, window=1000)
+    b = EpochPlan(5000, 64, seed=1, epoch=3, rank=1, world=2, block=100, window=1000)
+    # any order of asking gives the same batches (a worker computes only every W-th one)
+    for i in reversed(range(b.num_batches)):
+        assert np.array_equal(b.batch(i), a.batch(i))
 
 
-@pytest.mark.parametrize(
-    "kwargs, name",
-    [
-        ({"rows": -1}, "rows"),
-        ({"chunk_rows": 0}, "chunk_rows"),
-        ({"world": 0}, "world"),
-        ({"rank": 2, "world": 2}, "rank"),
-        ({"rank": -1}, "rank"),
-        ({"workers": 0}, "workers"),
-        ({"worker": 3, "workers": 3}, "worker"),
-        ({"rank": True}, "rank"),
-        ({"rows": 2.0}, "rows"),
-        ({"order": np.array([0, 1, 1, 3])}, "order"),
-        ({"order": np.array([0, 1, 2])}, "order"),
-        ({"order": np.array([0.0, 1.0, 2.0, 3.0])}, "order"),
-    ],
-)
-def test_partition_rejects_bad_arguments(kwargs, name):
-    args = {"rows": 40, "chunk_rows": 10, "order": np.arange(4), "rank": 0, "world": 1, "worker": 0, "workers": 1}
-    args.update(kwargs)
-    with pytest.raises(ValueError, match=rf"^{name}: expected .*, got .* instead"):
-        partition(**args)
+def test_epochs_and_seeds_differ_and_mix_across_blocks():
+    def first(seed, epoch):
+        return EpochPlan(50_000, 256, seed=seed, epoch=epoch, block=1000, window=10_000).batch(0)
+
+    assert not np.array_equal(first(0, 0), first(0, 1))
+    assert not np.array_equal(first(0, 0), first(1, 0))
+    # a window of 10,000 units spans 10 blocks of 1,000: a batch draws from several of them
+    assert len(np.unique(first(0, 0) // 1000)) >= 5
 
 
-@pytest.mark.parametrize("kwargs, name", [({"num_chunks": -1}, "num_chunks"), ({"seed": -1}, "seed"),
-                                          ({"epoch": "1"}, "epoch"), ({"num_chunks": 2.5}, "num_chunks")])
-def test_chunk_order_rejects_bad_arguments(kwargs, name):
-    args = {"num_chunks": 4, "seed": 0, "epoch": 0, **kwargs}
-    with pytest.raises(ValueError, match=rf"^{name}: expected .*, got .* instead"):
-        chunk_order(**args)
+def test_no_shuffle_is_storage_order():
+    plan = EpochPlan(100, 30, shuffle=False, rank=1, world=2)
+    assert np.concatenate([plan.batch(b) for b in range(plan.num_batches)]).tolist() == list(range(50, 100))
 
 
-def _pieces(sizes):
-    start = 0
-    for n in sizes:
-        yield {"row": np.arange(start, start + n), "twice": 2 * np.arange(start, start + n)}
-        start += n
+def test_short_last_block_lands_anywhere_in_the_epoch():
+    """The short block is permuted with the others, so the tail rows are not always last (and,
+    with drop_last, not always the ones dropped)."""
+    positions = set()
+    for epoch in range(20):
+        plan = EpochPlan(1050, 1050, epoch=epoch, block=100, window=100)  # windows within blocks
+        seq = plan.batch(0)
+        positions.add(int(np.flatnonzero(seq >= 1000)[0]) // 50)  # where the short block (units 1000..) lands
+    assert len(positions) > 5
 
 
-@pytest.mark.parametrize("sizes", [[1], [10, 10, 3], [256, 256, 256, 17], [5, 0, 7]])
-@pytest.mark.parametrize("batch_size", [1, 4, 64])
-@pytest.mark.parametrize("buffer_rows", [0, 20, 1000])
-@pytest.mark.parametrize("shuffled", [False, True])
-@pytest.mark.parametrize("drop_last", [False, True])
-def test_shuffle_buffer_batches_yields_every_row_once(sizes, batch_size, buffer_rows, shuffled, drop_last):
-    total = sum(sizes)
-    rng = np.random.default_rng(0) if shuffled else None
-    batches = list(shuffle_buffer_batches(_pieces(sizes), batch_size, buffer_rows, rng, drop_last))
-    assert all(len(b["row"]) == batch_size for b in batches[:-1])
-    assert all(np.array_equal(b["twice"], 2 * b["row"]) for b in batches)  # columns stay aligned
-    rows = np.concatenate([b["row"] for b in batches]) if batches else np.empty(0, int)
-    assert len(batches) == batch_counts([total], batch_size, drop_last)
-    if drop_last:
-        assert len(rows) == total // batch_size * batch_size
-        assert len(set(rows.tolist())) == len(rows)
-    else:
-        assert sorted(rows.tolist()) == list(range(total))
-    if not shuffled:
-        assert rows.tolist() == list(range(len(rows)))
+@pytest.mark.parametrize("bad, match", [
+    (dict(units=-1), "units"), (dict(batch_size=0), "batch_size"), (dict(rank=2, world=2), "rank"),
+    (dict(block=0), "shuffle_block"), (dict(window=0), "shuffle_buffer"), (dict(seed=-1), "seed"),
+])
+def test_bad_plan_arguments_name_the_argument(bad, match):
+    args = {"units": 10, "batch_size": 4, **bad}
+    with pytest.raises(ValueError, match=match):
+        EpochPlan(**args)
 
 
-def test_shuffle_buffer_mixes_within_the_buffer_only():
-    """With a one-piece buffer, no row leaves its piece's neighbourhood: the buffer bounds mixing."""
-    batches = list(shuffle_buffer_batches(_pieces([100] * 5), 100, 100, np.random.default_rng(1)))
-    for k, b in enumerate(batches):
-        assert sorted(b["row"].tolist()) == list(range(100 * k, 100 * (k + 1)))
-        assert b["row"].tolist() != list(range(100 * k, 100 * (k + 1)))
-
-
-def test_buffer_rng_differs_per_rank_and_worker():
-    draws = {tuple(buffer_rng(0, 0, rank, worker).permutation(20)) for rank in range(3) for worker in range(3)}
-    assert len(draws) == 9
-    assert np.array_equal(buffer_rng(4, 2, 1, 0).permutation(20), buffer_rng(4, 2, 1, 0).permutation(20))
-
-
-@pytest.mark.parametrize("name, kwargs", [("batch_size", {"batch_size": 0}), ("buffer_rows", {"buffer_rows": -1})])
-def test_shuffle_buffer_rejects_bad_arguments(name, kwargs):
-    args = {"batch_size": 4, "buffer_rows": 0, **kwargs}
-    with pytest.raises(ValueError, match=rf"^{name}: expected"):
-        list(shuffle_buffer_batches(_pieces([3]), **args))
+def test_spans_cover_and_split_evenly():
+    for total in (0, 1, 10, 11):
+        for parts in (1, 2, 3, 4):
+            pieces = [span(total, p, parts) for p in range(parts)]
+            assert pieces[0][0] == 0 and pieces[-1][1] == total
+            assert all(a[1] == b[0] for a, b in zip(pieces, pieces[1:]))
+    assert [rank_span(10, r, 3, even=True) for r in range(3)] == [(0, 3), (3, 6), (6, 9)]

@@ -1,15 +1,14 @@
-"""Crash safety of `kdcache dump`: SIGKILL at seeded random moments, resume, compare with a clean run.
+"""Crash safety of `kdcache dump`: nothing committed is ever lost, and the same command resumes.
 
-A slow teacher (a module in a tmp file whose forward sleeps a few ms a batch) over a synthetic
-dataset makes each dump last ~2 s with 16 chunks, so kills land while the teacher runs, while a chunk
-is being written, and in finalize. Every kill is followed by the same command, which resumes; the
-final store must equal an uninterrupted dump of the same command, chunk file by chunk file, and a
-resume must recompute exactly the chunks that had no commit record.
+Most tests stop the writer at a named point of the commit protocol (:mod:`kdcache.store.faults`):
+deterministic, every phase, in milliseconds. Failures of the teacher, the data and the disk keep
+what is committed. One smoke test sends real SIGKILLs at seeded random moments. Every resumed cache
+must equal an uninterrupted dump of the same command, chunk file by chunk file, and a resume must
+recompute exactly the chunks that had no commit record.
 """
 
 from __future__ import annotations
 
-import collections
 import json
 import os
 import random
@@ -20,7 +19,6 @@ import subprocess
 import sys
 import textwrap
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +29,10 @@ import zarr
 import kdcache
 from kdcache.capture.dump import dump
 from kdcache.config import DumpConfig
+from kdcache.store import faults
 from kdcache.store.verify import open_for_verify, verify
+
+from conftest import run_cli
 
 from test_verify import make_partial
 
@@ -58,12 +59,19 @@ SLOW_MODULE = textwrap.dedent(
             super().__init__()
             torch.manual_seed(0)
             self.net = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 10))
+            self.calls = 0  # forwards so far (the probe is the first)
 
         def forward(self, x):
             _log("S")
             time.sleep(DELAY)
             y = self.net(x)
             _log("E")
+            self.calls += 1
+            what, _, when = os.environ.get("KD_FAIL_AT", "").partition(":")
+            if what == "width" and self.calls >= int(when):
+                y = torch.cat([y, y[:, :1]], dim=1)  # a teacher whose output width changes mid-dump
+            elif what == "teacher" and self.calls == int(when):
+                raise RuntimeError("CUDA error: an illegal memory access was encountered")
             return y
 
 
@@ -77,6 +85,8 @@ SLOW_MODULE = textwrap.dedent(
             return len(self.x)
 
         def __getitem__(self, i):
+            if os.environ.get("KD_FAIL_AT") == "data:700" and i == 700:  # not one the fingerprint samples
+                raise OSError(5, "Input/output error (a flaky NFS read)")
             return self.x[i], self.y[i]
 
 
@@ -92,7 +102,7 @@ SLOW_MODULE = textwrap.dedent(
 ROWS, CHUNK_ROWS, BATCH = 768, 48, 16
 CHUNKS = ROWS // CHUNK_ROWS
 ARRAYS = ("index", "label", "logits")
-TIMESTAMPS = ("created_at", "updated_at", "completed_at")
+VOLATILE = ("created_at", "updated_at", "completed_at", "generation")  # differ between any two dumps
 SEED = 20240611
 
 
@@ -156,7 +166,7 @@ def commits(out: Path) -> set[int]:
 
 def chunk_files(out: Path, chunk: int) -> list[Path]:
     return [out / "index/c" / str(chunk), out / "label/c" / str(chunk), out / "logits/c" / str(chunk) / "0",
-            out / f"meta.parquet/part-{chunk:08d}.parquet", out / f"_kdcache/commits/{chunk:08d}.json"]
+            out / f"_kdcache/table/part-{chunk:08d}.parquet", out / f"_kdcache/commits/{chunk:08d}.json"]
 
 
 def snapshot(out: Path, chunks: set[int]) -> dict[Path, tuple[int, int]]:
@@ -270,7 +280,8 @@ def resume_to_end(module: Path, out: Path, tag: str) -> None:
 
 
 def assert_same_store(got: Path, ref: Path) -> None:
-    """Byte-identical chunks and commit records, equal Parquet tables and manifest but timestamps."""
+    """Byte-identical chunks, equal Parquet tables, commit records and manifest but for what differs
+    between any two dumps (timestamps, the generation id)."""
     def files(root: Path) -> set[str]:
         return {str(Path(f, n).relative_to(root)) for f, _, ns in os.walk(root) for n in ns}
 
@@ -278,20 +289,20 @@ def assert_same_store(got: Path, ref: Path) -> None:
     assert files(got) == names  # no leftover temporary files, no lock, nothing missing
     for name in sorted(names):
         a, b = got / name, ref / name
-        if name.startswith("meta.parquet/"):
+        if name.startswith("_kdcache/table/"):
             assert pq.read_table(a).equals(pq.read_table(b)), name
         elif name in ("zarr.json", "_kdcache/manifest.json"):
             da, db = json.loads(a.read_text()), json.loads(b.read_text())
             ma = da["attributes"]["kdcache"] if name == "zarr.json" else da
             mb = db["attributes"]["kdcache"] if name == "zarr.json" else db
-            assert {k: v for k, v in ma.items() if k not in TIMESTAMPS} == \
-                   {k: v for k, v in mb.items() if k not in TIMESTAMPS}, name
-            assert ma["status"] == "complete" and all(k in ma for k in TIMESTAMPS)
-            if name == "zarr.json":
-                da["attributes"].pop("kdcache"), db["attributes"].pop("kdcache")
-                assert da == db
+            assert {k: v for k, v in ma.items() if k not in VOLATILE} == \
+                   {k: v for k, v in mb.items() if k not in VOLATILE}, name
+            assert ma["status"] == "complete" and all(ma[k] for k in VOLATILE)
         elif name.startswith("_kdcache/commits/"):
-            assert json.loads(a.read_text()) == json.loads(b.read_text()), name
+            ra, rb = json.loads(a.read_text()), json.loads(b.read_text())
+            assert ra.pop("generation") == json.loads((got / "zarr.json").read_text())["attributes"]["kdcache"]["generation"]
+            rb.pop("generation")
+            assert ra == rb, name
         else:
             assert a.read_bytes() == b.read_bytes(), name
     report = verify(open_for_verify(str(got)))
@@ -313,90 +324,173 @@ def reference(slow_module, tmp_path_factory) -> tuple[Path, float]:
     return out, duration
 
 
-# Kill plans: each chain of kills hits one store, the same command rerun after each kill (it resumes),
-# then once more to the end. "finalize" is last in a chain: after it no chunk is left to compute.
-CHAINS = [
-    ["random", "random", "finalize"],
-    ["random", "write", "random"],
-    ["write", "random", "finalize"],
-    ["random", "write", "finalize"],
-]
+def cfg(module: Path, out: Path, **kw) -> DumpConfig:
+    return DumpConfig(teacher=f"{module}:teacher", data=f"{module}:data", out=str(out), chunk_rows=CHUNK_ROWS,
+                      batch_size=BATCH, device="cpu", **kw)
 
 
-def test_sigkill_at_random_moments_then_resume_equals_uninterrupted(slow_module, reference, tmp_path):
-    ref, duration = reference
-    rng = random.Random(SEED)
-    seeds = [rng.randrange(2**32) for _ in CHAINS]
-
-    def chain(i: int) -> list[dict]:
-        crng = random.Random(seeds[i])
-        out = tmp_path / f"chain{i}.zarr"
-        results = []
-        for j, kind in enumerate(CHAINS[i]):
-            results.append(kill_once(slow_module, out, kind, crng, duration, f"c{i}k{j}"))
-        resume_to_end(slow_module, out, f"c{i}end")
-        assert_same_store(out, ref)
-        return results
-
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        results = [r for rs in pool.map(chain, range(len(CHAINS))) for r in rs]
-
-    kills = [r for r in results if r["killed"]]
-    phases = collections.Counter(r["phase"] for r in results)
-    print(f"\n{len(kills)} kills of {len(results)} attempts (reference dump {duration:.2f} s): {dict(phases)}")
-    assert len(kills) >= 10, phases
-    assert phases["teacher forward"] >= 1 and phases["chunk write"] >= 1, phases
-    assert phases["finalize"] + phases["finalize (after publish)"] >= 1, phases
-    # Every kill left a store the next run resumed from (checked in kill_once/resume_to_end), and
-    # the kills before any commit record and the ones after some both happened.
-    assert any(r["after"] == 0 for r in kills) or any(0 < r["after"] < CHUNKS for r in kills)
+@pytest.fixture(scope="module")
+def fast(monkeypatch_module):
+    monkeypatch_module.setenv("KD_SLOW_DELAY", "0")
 
 
-def _partial(slow_module: Path, out: Path) -> int:
-    """A store killed after its first commit records: returns its committed rows."""
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    mp = pytest.MonkeyPatch()
+    yield mp
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def reference(slow_module, tmp_path_factory) -> tuple[Path, float]:
+    """An uninterrupted dump of the same command (a real subprocess), and how long it took."""
+    out = tmp_path_factory.mktemp("ref") / "ref.zarr"
     proc = start(dump_cmd(slow_module, out))
     assert wait_for_lock(out, proc)
-    while proc.poll() is None and len(commits(out)) < 2:
-        time.sleep(0.001)
-    proc.send_signal(signal.SIGKILL)
-    finish(proc)
-    assert status(out) == "writing"
-    return kdcache.open(out, require_complete=False).committed_rows()
+    t0 = time.monotonic()
+    stderr = finish(proc)
+    duration = time.monotonic() - t0
+    assert proc.returncode == 0, stderr
+    assert f"wrote {out}: {ROWS} of {ROWS} rows computed" in stderr
+    assert len(commits(out)) == CHUNKS and status(out) == "complete"
+    return out, duration
 
 
-def test_partial_store_info_no_resume_and_overwrite(slow_module, reference, tmp_path):
-    out = tmp_path / "p.zarr"
-    committed = _partial(slow_module, out)
-    assert 0 < committed < ROWS
+def resume_in_process(module: Path, out: Path) -> None:
+    """The same command again: it must compute exactly the chunks without a commit record."""
     before = commits(out)
     snap = snapshot(out, before)
+    state = store_state(out)
+    result = dump(cfg(module, out), progress=False)
+    assert snapshot(out, before) == snap, "a committed chunk was rewritten"
+    assert result.rows_computed == ROWS - state["committed_rows"]
+    assert result.action == ("resume" if state["manifest"] else "new")
 
-    # `kdcache info --json` shows the committed rows of the partial store (what a resume skips).
-    env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1"}
-    r = subprocess.run([sys.executable, "-m", "kdcache.cli", "info", str(out), "--json"], capture_output=True,
-                       text=True, env=env, timeout=120)
+
+# --- named points of the commit protocol: deterministic, every phase --------------------------------
+@pytest.mark.parametrize("point", ["chunk-data", "chunk-table", "chunk-commit"])
+@pytest.mark.parametrize("chunk", [0, 7, CHUNKS - 1])
+def test_a_stop_at_any_point_of_a_chunk_resumes_to_the_same_cache(fast, slow_module, reference, tmp_path, point,
+                                                                  chunk):
+    out = tmp_path / "c.zarr"
+    with faults.armed(point, chunk=chunk), pytest.raises(faults.Crash):
+        dump(cfg(slow_module, out), progress=False)
+    committed = commits(out)
+    # the stopped chunk counts only once its record is written; every chunk before it is kept
+    assert set(range(chunk)) <= committed and (chunk in committed) == (point == "chunk-commit")
+    # a new cache with nothing committed is removed: there is nothing in it to keep
+    assert status(out) == ("writing" if committed else None) and out.exists() == bool(committed)
+    resume_in_process(slow_module, out)
+    assert_same_store(out, reference[0])
+
+
+@pytest.mark.parametrize("point", ["manifest", "finalize"])
+def test_a_stop_while_publishing_the_manifest_resumes(fast, slow_module, reference, tmp_path, point):
+    """``manifest``: the very first manifest write, copy written, zarr.json not: the path must not
+    be bricked. ``finalize``: every chunk committed, `complete` not yet in zarr.json."""
+    out = tmp_path / "c.zarr"
+    with faults.armed(point), pytest.raises(faults.Crash):
+        dump(cfg(slow_module, out), progress=False)
+    assert status(out) == (None if point == "manifest" else "writing")
+    assert kdcache.open(out, require_complete=False).manifest.status == "writing"  # from the copy
+    resume_in_process(slow_module, out)
+    assert_same_store(out, reference[0])
+
+
+@pytest.mark.parametrize("leftover", ["lock only", "no manifest copy", "torn manifest copy"])
+def test_a_first_dump_killed_before_its_manifest_never_bricks_the_path(fast, slow_module, reference, tmp_path,
+                                                                       leftover):
+    out = tmp_path / "c.zarr"
+    with faults.armed("manifest"), pytest.raises(faults.Crash):
+        dump(cfg(slow_module, out), progress=False)
+    copy = out / "_kdcache/manifest.json"
+    if leftover == "lock only":
+        shutil.rmtree(out / "_kdcache")
+        (out / "_kdcache").mkdir()
+        (out / "_kdcache/lock.json").write_text('{"pid": 999999999, "host": "gone"')  # torn, stale
+    elif leftover == "no manifest copy":
+        copy.unlink()
+    else:
+        copy.write_text(copy.read_text()[:40])
+    for overwrite in (False, True):  # either command works; neither needs `rm -rf`
+        if overwrite:
+            shutil.rmtree(out)
+            shutil.copytree(tmp_path / "kept.zarr", out)
+        else:
+            shutil.copytree(out, tmp_path / "kept.zarr")
+        result = dump(cfg(slow_module, out, overwrite=overwrite), progress=False)
+        assert result.action == "new" and result.rows_computed == ROWS
+        assert_same_store(out, reference[0])
+
+
+# --- failures of the teacher, the data and the disk keep what is committed --------------------------
+@pytest.mark.parametrize("fail, error, says", [
+    ("teacher:26", "TeacherOutputError", "forward failed on the batch of dataset items"),
+    ("width:26", "TeacherOutputError", "returned 11 classes for rows 384..399"),
+    ("data:700", "DataError", "reading item 700 failed: OSError"),
+])
+def test_a_teacher_or_data_failure_keeps_the_committed_chunks(fast, slow_module, reference, tmp_path, monkeypatch,
+                                                              fail, error, says):
+    out = tmp_path / "c.zarr"
+    monkeypatch.setenv("KD_FAIL_AT", fail)
+    with pytest.raises(kdcache.errors.KDCacheError) as e:
+        dump(cfg(slow_module, out), progress=False)
+    kept = 8 if fail != "data:700" else 12  # call 26 = probe + 24 batches = 8 chunks; item 700 is in chunk 12
+    assert type(e.value).__name__ == error and says in str(e.value), str(e.value)
+    assert f"{kept * CHUNK_ROWS} of {ROWS} rows are committed and kept: run the same command again" in str(e.value)
+    assert commits(out) == set(range(kept)) and status(out) == "writing"
+    assert not (out / "_kdcache/lock.json").exists()
+    monkeypatch.delenv("KD_FAIL_AT")
+    resume_in_process(slow_module, out)
+    assert_same_store(out, reference[0])
+
+
+def test_a_full_disk_names_the_file_and_keeps_the_committed_chunks(fast, slow_module, reference, tmp_path):
+    out = tmp_path / "c.zarr"
+    full = OSError(faults.ENOSPC, "No space left on device", str(out / "logits/c/5/0"))
+    with faults.armed("chunk-data", chunk=5, error=full), pytest.raises(kdcache.errors.StoreError) as e:
+        dump(cfg(slow_module, out), progress=False)
+    assert f"--out: {out}/logits/c/5/0: No space left on device" in str(e.value)
+    assert f"{5 * CHUNK_ROWS} of {ROWS} rows are committed and kept" in str(e.value)
+    resume_in_process(slow_module, out)
+    assert_same_store(out, reference[0])
+
+
+def test_a_failure_before_any_commit_leaves_nothing_behind(fast, slow_module, tmp_path, monkeypatch):
+    out = tmp_path / "new" / "c.zarr"
+    monkeypatch.setenv("KD_FAIL_AT", "teacher:2")  # the first batch after the probe
+    with pytest.raises(kdcache.errors.TeacherOutputError, match="no chunk was committed"):
+        dump(cfg(slow_module, out), progress=False)
+    assert not out.exists()
+
+
+def test_partial_store_info_no_resume_and_overwrite(fast, slow_module, reference, tmp_path):
+    out = tmp_path / "p.zarr"
+    with faults.armed("chunk-commit", chunk=3), pytest.raises(faults.Crash):
+        dump(cfg(slow_module, out), progress=False)
+    before = commits(out)
+    snap = snapshot(out, before)
+    assert before == {0, 1, 2, 3}
+
+    r = run_cli("info", out, "--json")
     assert r.returncode == 0, r.stderr
     d = json.loads(r.stdout)
-    assert d["committed_rows"] == committed == len(before) * CHUNK_ROWS and d["manifest"]["rows"] == ROWS
+    assert d["committed_rows"] == 4 * CHUNK_ROWS and d["manifest"]["rows"] == ROWS
     assert d["manifest"]["status"] == "writing"
 
-    proc = start(dump_cmd(slow_module, out, "--no-resume"))
-    stderr = finish(proc)
-    assert proc.returncode != 0
-    assert "partial dump" in stderr and "--resume" in stderr and "--overwrite" in stderr, stderr
+    with pytest.raises(kdcache.errors.StoreError, match=r"partial dump \(4 chunks committed\).*--resume.*--overwrite"):
+        dump(cfg(slow_module, out, resume=False), progress=False)
     assert commits(out) == before and snapshot(out, before) == snap  # left as it was
-    assert not (out / "_kdcache/lock.json").exists()  # the dead run's stale lock broken, ours released
+    assert not (out / "_kdcache/lock.json").exists()
 
-    proc = start(dump_cmd(slow_module, out, "--overwrite"), delay=0.0)
-    stderr = finish(proc)
-    assert proc.returncode == 0, stderr
-    assert f"wrote {out}: {ROWS} of {ROWS} rows computed" in stderr  # started over: every row again
+    result = dump(cfg(slow_module, out, overwrite=True), progress=False)
+    assert result.action == "new" and result.rows_computed == ROWS  # started over: every row again
     assert_same_store(out, reference[0])
 
 
 def test_resume_repairs_a_damaged_group_zarr_json(digits_cache, models_file, tmp_path):
     """kdcache reads a partial store whose zarr.json is damaged from the manifest copy; resuming
-    rewrites zarr.json, so zarr and dask can open the finished cache."""
+    rewrites zarr.json, so zarr and xarray can open the finished cache."""
     out = tmp_path / "c.zarr"
     shutil.copytree(digits_cache, out)
     make_partial(out, keep=6)
@@ -408,3 +502,15 @@ def test_resume_repairs_a_damaged_group_zarr_json(digits_cache, models_file, tmp
     assert group.attrs["kdcache"]["status"] == "complete"
     np.testing.assert_array_equal(group["logits"][:], zarr.open_group(str(digits_cache), mode="r")["logits"][:])
     assert verify(open_for_verify(str(out))).ok
+
+
+# --- one real SIGKILL smoke test --------------------------------------------------------------------
+def test_sigkill_at_random_moments_then_resume_equals_uninterrupted(slow_module, reference, tmp_path):
+    ref, duration = reference
+    rng = random.Random(SEED)
+    out = tmp_path / "killed.zarr"
+    results = [kill_once(slow_module, out, kind, rng, duration, f"k{j}")
+               for j, kind in enumerate(["random", "write", "random"])]
+    resume_to_end(slow_module, out, "end")
+    assert_same_store(out, ref)
+    assert sum(r["killed"] for r in results) >= 2, results

@@ -46,14 +46,14 @@ def rows_of(chunk: int, rows: int = ROWS, chunk_rows: int = CHUNK_ROWS) -> str:
 
 
 def chunk_files(cache: Path) -> list[tuple[str, int, Path]]:
-    """(array or "meta.parquet", chunk, file) for every chunk file of a cache."""
+    """(array or "table", chunk, file) for every chunk file of a cache."""
     found = []
     for name in ("index", "label", "logits"):
         for path in sorted((cache / name / "c").rglob("*")):
             if path.is_file():
                 found.append((name, int(path.relative_to(cache / name / "c").parts[0]), path))
-    for path in sorted((cache / "meta.parquet").glob("part-*.parquet")):
-        found.append(("meta.parquet", int(path.stem.removeprefix("part-")), path))
+    for path in sorted((cache / "_kdcache/table").glob("part-*.parquet")):
+        found.append(("table", int(path.stem.removeprefix("part-")), path))
     return found
 
 
@@ -84,7 +84,7 @@ def test_random_byte_flips_are_each_found(fresh, tmp_path):
         offset = rng.randrange(path.stat().st_size)
         cases.append((i, array, chunk, path.relative_to(base), offset, rng.randrange(1, 256)))
     hit = {(a, c) for _, a, c, *_ in cases}
-    assert {a for a, _ in hit} == {"index", "label", "logits", "meta.parquet"}  # every kind of file is hit
+    assert {a for a, _ in hit} == {"index", "label", "logits", "table"}  # every kind of file is hit
 
     def check(case) -> None:
         i, array, chunk, rel, offset, mask = case
@@ -130,11 +130,11 @@ def test_truncated_chunk(fresh):
 def test_deleted_chunk(fresh):
     cache = fresh()
     (cache / "label/c/5").unlink()
-    (cache / "meta.parquet/part-00000007.parquet").unlink()
+    (cache / "_kdcache/table/part-00000007.parquet").unlink()
     r = run_cli("verify", cache, "-q")
     out = one_line(r.stderr)
     assert r.returncode == 1
-    assert f"bad label: {rows_of(5)}: missing" in out and f"bad meta.parquet: {rows_of(7)}: missing" in out, out
+    assert f"bad label: {rows_of(5)}: missing" in out and f"bad table: {rows_of(7)}: missing" in out, out
     assert out.count("bad ") == 2, out
 
 
@@ -156,7 +156,25 @@ def test_corrupted_commit_record(fresh):
     assert code == 1 and f"bad index: {rows_of(4)}: checksum mismatch" in out and out.count("bad ") == 1, out
     record.write_text("{not json")
     code, out = verify_cli(cache)
-    assert code == 1 and f"{rows_of(4)}: no commit record" in out, out
+    assert code == 1 and f"{rows_of(4)}: damaged commit record: commit record of chunk 4: not valid JSON" in out, out
+
+
+@pytest.mark.parametrize("field, value, says", [
+    ("rows", [640, 768], "rows: expected [512, 640], got [640, 768]"),  # chunk 5's rows in chunk 4's record
+    ("crc32c", {"index": "12"}, "an unsigned 32-bit integer, got '12'"),
+    ("crc32c", {"index": None}, "an unsigned 32-bit integer, got None"),
+    ("chunk", 5, "chunk: expected 4, got 5"),
+    ("generation", "0" * 32, "belongs to generation '000000000000'"),
+])
+def test_hand_edited_commit_records_fail_verify(fresh, field, value, says):
+    cache = fresh()
+    record = cache / "_kdcache/commits/00000004.json"
+    doc = json.loads(record.read_text())
+    doc[field] = value
+    record.write_text(json.dumps(doc))
+    code, out = verify_cli(cache)
+    assert code == 1 and f"{rows_of(4)}: damaged commit record" in out and says in out, out
+    assert out.count("bad ") == 1, out
 
 
 def test_corrupted_array_metadata(fresh):
@@ -165,9 +183,9 @@ def test_corrupted_array_metadata(fresh):
     meta.write_bytes(meta.read_bytes()[:-30] + b"\x00garbage")
     r = run_cli("verify", cache, "-q")
     out = one_line(r.stderr)
-    assert r.returncode == 1 and "bad logits: metadata: array metadata (zarr.json) is not valid JSON" in out, out
+    assert r.returncode == 1 and "bad logits: metadata:" in out and "logits/zarr.json is not valid JSON" in out, out
     # Only logits is reported: the other arrays still read (and check out) as they are.
-    assert "bad index" not in out and "bad label" not in out and "bad meta.parquet" not in out, out
+    assert "bad index" not in out and "bad label" not in out and "bad table" not in out, out
 
 
 def test_array_metadata_that_disagrees_with_the_manifest(fresh):
@@ -177,7 +195,7 @@ def test_array_metadata_that_disagrees_with_the_manifest(fresh):
     doc["shape"] = [999]
     meta.write_text(json.dumps(doc))
     code, out = verify_cli(cache)
-    assert code == 1 and "bad label: metadata: array metadata says shape [999]" in out, out
+    assert code == 1 and "bad label: metadata:" in out and "says shape [999] int64, the manifest [1258] int64" in out, out
 
 
 def test_corrupted_group_metadata(fresh):
@@ -195,7 +213,8 @@ def test_bfloat16_cache_with_a_partial_last_chunk(models_file, tmp_path):
     dump(DumpConfig(teacher=f"{models_file}:teacher", data="kdcache.datasets:digits_train", out=str(out),
                     chunk_rows=100, batch_size=64, dtype="bfloat16"), progress=False)
     cache = kdcache.open(out)
-    assert cache.arrays["logits"] == {"dtype": "uint16", "shape": [ROWS, 10], "logical_dtype": "bfloat16"}
+    spec = cache.arrays["logits"]
+    assert (spec.dtype, spec.shape, spec.logical_dtype) == ("uint16", (ROWS, 10), "bfloat16")
     assert cache.num_chunks == 13 and cache.chunk_bounds(12) == (1200, 1258)
     r = run_cli("verify", out, "-q")
     assert r.returncode == 0 and f"{out}: ok, 13 chunks" in one_line(r.stderr), r.stderr
@@ -230,7 +249,7 @@ def test_incomplete_cache_is_refused_for_training_but_described(fresh, models_fi
     make_partial(cache, keep=3)
     committed = 3 * CHUNK_ROWS
 
-    with pytest.raises(IncompleteStoreError, match=rf"status 'writing' \({committed}/{ROWS} rows committed\)"):
+    with pytest.raises(IncompleteStoreError, match=rf"status 'writing' \({committed}/{ROWS:,} rows committed\)"):
         kdcache.open(cache)
     partial = kdcache.open(cache, require_complete=False)
     assert not partial.complete and partial.committed_rows() == committed
@@ -238,7 +257,7 @@ def test_incomplete_cache_is_refused_for_training_but_described(fresh, models_fi
     r = run_cli("train", "--cache", cache, "--student", f"{models_file}:student", "--data",
                 "kdcache.datasets:digits_train", "--out", tmp_path / "run", "--epochs", "1", "--device", "cpu", "-q")
     out = one_line(r.stderr)
-    assert r.returncode != 0 and "status 'writing'" in out and f"{committed}/{ROWS} rows committed" in out, out
+    assert r.returncode != 0 and "status 'writing'" in out and f"{committed}/{ROWS:,} rows committed" in out, out
     assert "Traceback" not in r.stderr
 
     r = run_cli("info", cache)

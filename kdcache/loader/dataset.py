@@ -148,8 +148,10 @@ class CacheDataset(IterableDataset):
             self._check_data(data, check_data)
         self._rows = _committed_rows(source)  # unit -> storage row; None: every row
         self.units = len(self._rows) if self._rows is not None else len(source)
-        # Epoch and position in shared memory: persistent workers see set_epoch / load_state_dict.
-        self._state = torch.zeros(2, dtype=torch.int64).share_memory_()
+        # In shared memory, so persistent workers see set_epoch / load_state_dict: the epoch, the
+        # batches delivered, and the batch the current iteration started at (workers start late,
+        # after the delivered count has moved on: they must read where the iteration began).
+        self._state = torch.zeros(3, dtype=torch.int64).share_memory_()
 
     def _check_data(self, data: Any, check: bool) -> None:
         try:
@@ -188,7 +190,7 @@ class CacheDataset(IterableDataset):
         """
         epoch = _int("epoch", epoch, 0, what="a non-negative integer")
         if epoch != self.epoch:
-            self._state[0], self._state[1] = epoch, 0
+            self._state[0], self._state[1], self._state[2] = epoch, 0, 0
 
     def state_dict(self) -> dict[str, Any]:
         """Where the iteration stands: pass it to :meth:`load_state_dict` to continue exactly there."""
@@ -207,7 +209,7 @@ class CacheDataset(IterableDataset):
                                  "the order would differ")
         epoch = _int("state_dict['epoch']", state.get("epoch"), 0)
         position = _int("state_dict['position']", state.get("position"), 0)
-        self._state[0], self._state[1] = epoch, position
+        self._state[0], self._state[1], self._state[2] = epoch, position, position
 
     # --- the order ------------------------------------------------------------------------------
     def plan(self, epoch: int | None = None) -> EpochPlan:
@@ -220,16 +222,18 @@ class CacheDataset(IterableDataset):
         """Batches this rank yields per epoch (whatever the number of workers)."""
         return self.plan().num_batches
 
+    def _begin(self) -> None:
+        """Fix where an iteration starts (in the main process, before any worker reads it)."""
+        start = self.position if self.position < len(self) else 0  # a finished epoch starts over
+        self._state[1], self._state[2] = start, start
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
+        if info is None:
+            self._begin()
         plan = self.plan()
-        start = self.position
-        if start >= plan.num_batches:  # the epoch was finished: iterating again starts it over
-            start = 0
-            if info is None:
-                self._state[1] = 0
-        for b in range(start + worker, plan.num_batches, workers):
+        for b in range(int(self._state[2]) + worker, plan.num_batches, workers):
             batch = self.batch(plan.batch(b))
             if info is None:  # in the main process: count what is delivered (else the loader does)
                 self._state[1] = b + 1
@@ -285,8 +289,7 @@ class CacheLoader(DataLoader):
         if self.num_workers == 0:
             yield from super().__iter__()  # the dataset counts in this process
             return
-        if ds.position >= len(ds):
-            ds._state[1] = 0
+        ds._begin()
         for batch in super().__iter__():
             ds._state[1] += 1
             yield batch

@@ -13,7 +13,6 @@ import os
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
-from functools import cached_property
 from typing import Any, Iterable
 
 import numpy as np
@@ -138,6 +137,7 @@ class Cache:
         self.location = location(url)
         self.manifest = read_manifest(self.location)
         self._lock = threading.RLock()
+        self._layouts: dict[str, ChunkLayout] = {}
         self._stores: dict[str, Any] = {}
         self._admitted: OrderedDict[int, int] = OrderedDict()  # chunk -> bytes copied in
         self._copied = 0
@@ -186,9 +186,12 @@ class Cache:
         return (f"Cache({self.url!r}, rows={self.rows}, arrays={list(self.arrays)}, "
                 f"status={self.manifest.status!r})")
 
-    @cached_property
-    def layouts(self) -> dict[str, ChunkLayout]:
-        return {a.name: ChunkLayout.read(self.location, a, self.chunk_rows) for a in self.manifest.arrays}
+    def layout(self, name: str) -> ChunkLayout:
+        """How array ``name``'s chunks are stored (its zarr.json, read once)."""
+        found = self._layouts.get(name)
+        if found is None:
+            found = self._layouts[name] = ChunkLayout.read(self.location, self.arrays[name], self.chunk_rows)
+        return found
 
     # --- commit records -------------------------------------------------------------------------
     def commit_record(self, chunk: int) -> CommitRecord | None:
@@ -245,8 +248,8 @@ class Cache:
             raise StoreError(f"cache {self.url!r}: chunk {chunk} (rows {self.chunk_bounds(chunk)[0]}.."
                              f"{self.chunk_bounds(chunk)[1] - 1}) is not committed")
         copied = 0
-        for name, layout in self.layouts.items():
-            copied += self._load(self._store(name), layout, chunk)
+        for name in self.arrays:
+            copied += self._load(self._store(name), self.layout(name), chunk)
         # Read again: a dump that overwrote the cache meanwhile removed or replaced the record.
         if self.commit_record(chunk) is None:
             raise sc.StaleChunkError(f"cache {self.url!r}: chunk {chunk} vanished while it was read "
@@ -317,7 +320,7 @@ class Cache:
         self.location = location(state["url"])
         self.manifest = state["manifest"]
         self._lock = threading.RLock()
-        self._stores, self._admitted, self._copied = {}, OrderedDict(), 0
+        self._layouts, self._stores, self._admitted, self._copied = {}, {}, OrderedDict(), 0
 
     # --- the per-row table ------------------------------------------------------------------------
     def table(self):
@@ -327,23 +330,25 @@ class Cache:
         parts = [self.location.path(sc.table_part_name(c)) for c in self.committed_chunks()]
         return pq.ParquetDataset(parts, filesystem=self.location.fs).read()
 
-    def crc(self, name: str, chunk: int) -> tuple[int, int]:
-        """CRC32C and size of a chunk exactly as stored (the fill chunk when it has no file)."""
+    def crc(self, name: str, chunk: int) -> tuple[int, int, bool]:
+        """CRC32C and size of a chunk exactly as stored, and whether its file exists (a chunk with
+        no file is its fill value, whose checksum is returned)."""
         if name == sc.TABLE:
             data = self.location.read_bytes(sc.table_part_name(chunk))
-            return bytes_crc(data), len(data)
-        layout = self.layouts[name]
+            return bytes_crc(data), len(data), True
+        layout = self.layout(name)
+        present = True
         if layout.raw:
             try:
                 data = self.location.read_bytes(layout.key(chunk))
             except FileNotFoundError:
-                data = layout.fill_chunk
+                data, present = layout.fill_chunk, False
             else:
                 if len(data) != layout.nbytes:
                     raise StoreError(f"holds {len(data)} bytes, expected {layout.nbytes} (truncated?)")
         else:
             data = self.read_chunk(layout, chunk)
-        return bytes_crc(data), layout.nbytes
+        return bytes_crc(data), layout.nbytes, present
 
     # --- checks ---------------------------------------------------------------------------------
     def check(self, *, teacher: str | None = None, data: str | None = None, capture: str | None = None) -> None:

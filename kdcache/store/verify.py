@@ -69,7 +69,7 @@ def _verify_chunk(cache: Cache, layouts: dict[str, ChunkLayout], chunk: int) -> 
     try:
         record = cache.commit_record(chunk)
     except StoreError as e:
-        report.problems.append(Problem("*", chunk, rows, f"bad commit record: {e}"))
+        report.problems.append(Problem("*", chunk, rows, f"damaged commit record: {e}"))
         return report
     if record is None:
         if cache.complete:
@@ -81,7 +81,7 @@ def _verify_chunk(cache: Cache, layouts: dict[str, ChunkLayout], chunk: int) -> 
     for name in [*layouts, sc.TABLE]:
         expected = record.crc32c.get(name)
         try:
-            actual, size = cache.crc(name, chunk)
+            actual, size, present = cache.crc(name, chunk)
         except FileNotFoundError:
             report.problems.append(Problem(name, chunk, rows, "missing"))
             continue
@@ -91,6 +91,9 @@ def _verify_chunk(cache: Cache, layouts: dict[str, ChunkLayout], chunk: int) -> 
         report.bytes += size
         if expected is None:
             report.problems.append(Problem(name, chunk, rows, "no checksum in the commit record"))
+        elif actual != expected and not present:
+            report.problems.append(Problem(name, chunk, rows, "missing (a chunk without a file reads as the fill "
+                                                              "value, which is not what was committed)"))
         elif actual != expected:
             report.problems.append(
                 Problem(name, chunk, rows, f"checksum mismatch (recorded {expected:08x}, found {actual:08x})"))
