@@ -11,13 +11,10 @@ or a zero-argument factory returning one; for data it is a map-style dataset (``
 
 from __future__ import annotations
 
-import hashlib
 import importlib
-import importlib.util
 import inspect
 import operator
 import re
-import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -26,6 +23,7 @@ import torch
 from torch import nn
 
 from kdcache.errors import SpecError
+from kdcache.sources import _spec_import
 
 # What a user's module, factory or __len__ may raise that becomes a SpecError: sys.exit() included,
 # so a script that parses its arguments at import time cannot end kdcache.
@@ -66,24 +64,10 @@ def _import_file(path: str, flag: str):
     file = Path(path).expanduser().resolve()
     if not file.is_file():
         raise SpecError(f"{flag}: file {path!r} does not exist")
-    # A stable module name per file, so two specs naming one file share one module.
-    name = "_kdcache_spec_" + hashlib.sha1(str(file).encode()).hexdigest()[:12]
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, file)
-    if spec is None or spec.loader is None:
-        raise SpecError(f"{flag}: cannot load {path!r} as a Python file")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    sys.path.insert(0, str(file.parent))  # let the file import its neighbours
     try:
-        spec.loader.exec_module(module)
+        return _spec_import.import_file(str(file))
     except _USER_CODE_ERRORS as e:
-        del sys.modules[name]
         raise SpecError(f"{flag}: running {path!r} failed: {_failure(e)}") from None
-    finally:
-        sys.path.remove(str(file.parent))
-    return module
 
 
 def _failure(e: BaseException) -> str:
