@@ -1,6 +1,18 @@
 """Fingerprints: what a cache was made from, so a stale cache is refused instead of reused.
 
-Teacher (:func:`teacher_digest`): sha256 over the state dict (names, dtypes, shapes, bytes), in name order.
+Teacher (:func:`teacher_fingerprint`): ``digest`` is the value compared; it covers
+
+* ``code``: for every submodule in ``named_modules()`` order, its name, its class (module and
+  qualname), its ``extra_repr()`` and its configuration (public attributes holding plain data:
+  numbers, strings, tensors, containers of them); once per class in the submodules' class
+  hierarchies (``nn.Module`` itself excepted), the class's source, or where no source can be found,
+  the compiled code of the functions it defines. A TorchScript module contributes its original
+  class name and its forward's inlined graph (every method and function it calls), tensor
+  constants included. Misses: code outside the classes (module-level helpers, globals read by
+  ``forward``), attributes holding other objects (functions, configs), a torch upgrade's new
+  kernels (a torch upgrade that edits a used class's source does invalidate).
+* ``weights``: every parameter and buffer (non-persistent ones too): names, dtypes, shapes and
+  bytes, in name order.
 
 Data (:func:`data_fingerprint`), by ``check`` mode:
 
@@ -20,27 +32,199 @@ Hashing feeds a type tag before every value (after huggingface/datasets), so ``1
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
+import re
 import struct
+import types
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Callable
 
 import numpy as np
 import torch
 from torch import nn
 
-from kdcache.errors import ConfigError, DataError
+from kdcache.errors import ConfigError, DataError, SpecError, StoreError
 
 DATA_SAMPLE_ITEMS = 64
 DATA_CHECKS = ("sampled", "full")
 
+# Names that depend on where or how often code was loaded, not on what it does: spec files are
+# imported as ``kdcache._kdcache_spec_<hash of the path>``, and TorchScript renames a class it
+# compiles twice in one process to ``___torch_mangle_<n>.Class``.
+_SPEC_MODULE = re.compile(r"(?:kdcache\.)?_kdcache_spec_[0-9a-f]+")
+_TORCH_MANGLE = re.compile(r"___torch_mangle_\d+\.")
+_HEX_DIGEST = re.compile(r"[0-9a-f]{64}")
+
+
+# --- teacher ----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TeacherFingerprint:
+    """What a teacher is: ``digest`` (compared) over ``code`` and ``weights`` (kept to say which changed)."""
+
+    digest: str
+    weights: str
+    code: str
+
+    def to_dict(self) -> dict[str, str]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str = "teacher") -> TeacherFingerprint:
+        """Read :meth:`to_dict`'s output back, refusing anything that is not three hex digests."""
+        names = [f.name for f in fields(cls)]
+        if not isinstance(d, dict) or not all(_is_digest(d.get(name)) for name in names):
+            raise StoreError(f"{where}: expected sha256 hex digests {', '.join(names)}, got {d!r} instead")
+        fingerprint = cls(**{name: d[name] for name in names})
+        if fingerprint.digest != _teacher_digest(fingerprint.code, fingerprint.weights):
+            raise StoreError(f"{where}: digest {fingerprint.digest[:16]} is not the digest of its code and "
+                             "weights (edited or corrupted)")
+        return fingerprint
+
+
+def teacher_fingerprint(model: nn.Module, *, flag: str = "--teacher") -> TeacherFingerprint:
+    """Fingerprint ``model``'s code and weights (module docstring); errors name ``flag``."""
+    if not isinstance(model, nn.Module):
+        raise SpecError(f"{flag}: expected an nn.Module to fingerprint, got {type(model).__name__} instead")
+    code = code_digest(model, flag)
+    weights = weights_digest(model, flag)
+    return TeacherFingerprint(_teacher_digest(code, weights), weights, code)
+
 
 def teacher_digest(model: nn.Module) -> str:
-    """sha256 of a model's state dict: names, dtypes, shapes and bytes, in sorted name order."""
+    """``teacher_fingerprint(model).digest``: the value a cache's teacher is compared by."""
+    return teacher_fingerprint(model).digest
+
+
+def _teacher_digest(code: str, weights: str) -> str:
+    return hashlib.sha256(f"kdcache-teacher\0{code}\0{weights}".encode()).hexdigest()
+
+
+def code_digest(model: nn.Module, flag: str = "--teacher") -> str:
+    """sha256 over ``model``'s module structure and forward code (module docstring)."""
     h = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        h.update(f"{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
-        h.update(_tensor_bytes(tensor))
+    hashed_classes: set[type] = set()
+    try:
+        for name, module in model.named_modules():
+            _update_str(h, name)
+            if isinstance(module, torch.jit.ScriptModule):
+                _update_scripted(h, name, module)
+                continue
+            _update_str(h, _stable(f"{type(module).__module__}.{type(module).__qualname__}"))
+            _update_str(h, _extra_repr(module, name))
+            _update(h, _configuration(module), f"the configuration of module {name!r}")
+            for cls in type(module).__mro__:
+                if cls not in hashed_classes and cls not in (nn.Module, object):
+                    hashed_classes.add(cls)
+                    _update_class(h, cls)
+    except _Unhashable as e:
+        raise SpecError(f"{flag}: cannot fingerprint the teacher: {e}") from None
     return h.hexdigest()
+
+
+def _stable(text: str) -> str:
+    """``text`` without the parts that depend on where or how often code was loaded."""
+    return _TORCH_MANGLE.sub("", _SPEC_MODULE.sub("_kdcache_spec_", text))
+
+
+def _extra_repr(module: nn.Module, name: str) -> str:
+    try:
+        return module.extra_repr()
+    except Exception as e:
+        raise _Unhashable(f"extra_repr() of module {name!r} raised {type(e).__name__}: {e}") from None
+
+
+def _configuration(module: nn.Module) -> dict[str, Any]:
+    """Public attributes holding plain data, which ``forward`` may read (``self.scale = 0.5``)."""
+    return {key: value for key, value in sorted(vars(module).items())
+            if not key.startswith("_") and key != "training" and _is_plain(value)}
+
+
+def _is_plain(value: Any) -> bool:
+    if isinstance(value, (tuple, list)):
+        return all(map(_is_plain, value))
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _is_plain(v) for k, v in value.items())
+    if isinstance(value, np.ndarray):
+        return not value.dtype.hasobject
+    return value is None or isinstance(value, (torch.Tensor, bool, int, float, str, bytes, np.bool_, np.number))
+
+
+def _update_class(h: "hashlib._Hash", cls: type) -> None:
+    """Feed a class's source, or without one, the compiled code of the functions it defines."""
+    try:
+        _update_str(h, inspect.getsource(cls))
+        return
+    except (OSError, TypeError, SyntaxError):  # defined in `python -c`, a REPL, exec(), or C
+        pass
+    functions = {name: inspect.unwrap(getattr(f, "__func__", f)) for name, f in vars(cls).items()}
+    for name, function in sorted(functions.items()):
+        if isinstance(getattr(function, "__code__", None), types.CodeType):
+            _update_str(h, name)
+            _update_code(h, function.__code__)
+
+
+def _update_code(h: "hashlib._Hash", code: types.CodeType) -> None:
+    h.update(b"C" + struct.pack("<q", len(code.co_code)) + code.co_code)
+    _update_str(h, "\0".join(code.co_names))
+    h.update(b"L" + struct.pack("<q", len(code.co_consts)))
+    for const in code.co_consts:
+        _update_const(h, const)
+
+
+def _update_const(h: "hashlib._Hash", const: Any) -> None:
+    if isinstance(const, types.CodeType):
+        _update_code(h, const)
+    elif isinstance(const, (tuple, frozenset)):
+        items = const if isinstance(const, tuple) else sorted(const, key=repr)  # set order varies by process
+        h.update(b"L" + struct.pack("<q", len(items)))
+        for item in items:
+            _update_const(h, item)
+    else:
+        _update_str(h, f"{type(const).__name__}:{const!r}")
+
+
+def _update_scripted(h: "hashlib._Hash", name: str, module: torch.jit.ScriptModule) -> None:
+    """A TorchScript module: its original class name and its forward's inlined graph and constants."""
+    _update_str(h, f"torchscript:{module.original_name}")
+    if not module._c._has_method("forward"):  # a container, such as a scripted nn.ModuleList
+        return
+    graph = module.inlined_graph  # every method and function forward calls, inlined
+    _update_str(h, _stable(graph.str(False)))  # False: without source file locations
+    for node in graph.findAllNodes("prim::Constant"):
+        if node.hasAttribute("value") and node.kindOf("value") == "t":  # printed rounded, if at all
+            _update(h, node.t("value"), f"a tensor constant of module {name!r}")
+
+
+def weights_digest(model: nn.Module, flag: str = "--teacher") -> str:
+    """sha256 over every parameter and buffer: names, dtypes, shapes and bytes, in name order."""
+    h = hashlib.sha256()
+    for name, tensor in _named_tensors(model, flag):
+        _update_tensor(h, name, tensor, flag)
+    return h.hexdigest()
+
+
+def _named_tensors(model: nn.Module, flag: str) -> list[tuple[str, torch.Tensor]]:
+    """Parameters and buffers (non-persistent ones too) by name, refusing those without values."""
+    tensors = dict(model.named_parameters(remove_duplicate=False))
+    tensors.update(model.named_buffers(remove_duplicate=False))
+    for name, t in tensors.items():
+        if isinstance(t, nn.parameter.UninitializedTensorMixin):
+            raise SpecError(f"{flag}: cannot fingerprint the teacher: expected initialized tensors, got lazy "
+                            f"{name!r} instead (run a forward or load a checkpoint first)")
+        if t.is_meta:
+            raise SpecError(f"{flag}: cannot fingerprint the teacher: expected tensors with values, got "
+                            f"{name!r} on the meta device instead")
+    return sorted(tensors.items())
+
+
+def _update_tensor(h: "hashlib._Hash", name: str, t: torch.Tensor, flag: str) -> None:
+    h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+    try:
+        h.update(_tensor_bytes(t))
+    except _TENSOR_ERRORS as e:  # sparse, quantized, nested...
+        raise SpecError(f"{flag}: cannot fingerprint the teacher's {name!r} ({t.dtype}, {t.layout}): "
+                        f"{type(e).__name__}: {e}") from None
 
 
 def _tensor_bytes(t: torch.Tensor) -> memoryview:
@@ -51,6 +235,10 @@ def _tensor_bytes(t: torch.Tensor) -> memoryview:
     """
     t = t.detach().contiguous().cpu()
     return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+def _is_digest(value: Any) -> bool:
+    return isinstance(value, str) and _HEX_DIGEST.fullmatch(value) is not None
 
 
 # --- data -------------------------------------------------------------------------------------------

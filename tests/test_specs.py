@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from kdcache.errors import SpecError
-from kdcache.fingerprint import teacher_digest
+from kdcache.fingerprint import teacher_fingerprint
 from kdcache.sources import freeze, load_checkpoint, load_dataset, load_module, resolve
 
 
@@ -81,14 +81,14 @@ def test_torchscript_teacher_loads_freezes_runs_and_fingerprints(tmp_path, model
     eager = load_module(f"{models_file}:teacher", "--teacher")
     torch.jit.script(eager).save(str(tmp_path / "t.pt"))
     scripted = load_module(f"torchscript:{tmp_path / 't.pt'}", "--teacher")
-    fingerprint = teacher_digest(scripted)
+    fingerprint = teacher_fingerprint(scripted)
     assert freeze(scripted) is scripted
     assert not scripted.training and not any(m.training for m in scripted.modules())
     assert not any(p.requires_grad for p in scripted.parameters())
     x = torch.randn(3, 64)
     with torch.inference_mode():
         torch.testing.assert_close(scripted(x), eager(x))
-    assert teacher_digest(scripted) == fingerprint
+    assert teacher_fingerprint(scripted) == fingerprint
     assert freeze(eager) is eager and not eager.training and not any(p.requires_grad for p in eager.parameters())
 
 
