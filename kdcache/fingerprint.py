@@ -31,13 +31,17 @@ Hashing feeds a type tag before every value (after huggingface/datasets), so ``1
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import json
+import os
 import re
 import struct
+import tempfile
 import types
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -48,6 +52,8 @@ from kdcache.errors import ConfigError, DataError, SpecError, StoreError
 
 DATA_SAMPLE_ITEMS = 64
 DATA_CHECKS = ("sampled", "full")
+MEMO_FILE = "teacher-weights.json"
+MEMO_ENTRIES = 256
 
 # Names that depend on where or how often code was loaded, not on what it does: spec files are
 # imported as ``kdcache._kdcache_spec_<hash of the path>``, and TorchScript renames a class it
@@ -82,18 +88,24 @@ class TeacherFingerprint:
         return fingerprint
 
 
-def teacher_fingerprint(model: nn.Module, *, flag: str = "--teacher") -> TeacherFingerprint:
-    """Fingerprint ``model``'s code and weights (module docstring); errors name ``flag``."""
+def teacher_fingerprint(model: nn.Module, checkpoint: str | None = None, *,
+                        flag: str = "--teacher") -> TeacherFingerprint:
+    """Fingerprint ``model``'s code and weights (module docstring); errors name ``flag``.
+
+    ``checkpoint``: the file every weight in its state dict was strictly loaded from, unchanged
+    since (what :func:`kdcache.sources.load_module` does). The weights digest is then memoized in
+    the user cache dir (:func:`cache_dir`), so a big teacher is hashed once per checkpoint file.
+    """
     if not isinstance(model, nn.Module):
         raise SpecError(f"{flag}: expected an nn.Module to fingerprint, got {type(model).__name__} instead")
     code = code_digest(model, flag)
-    weights = weights_digest(model, flag)
+    weights = weights_digest(model, flag) if checkpoint is None else _memoized_weights(model, code, checkpoint, flag)
     return TeacherFingerprint(_teacher_digest(code, weights), weights, code)
 
 
-def teacher_digest(model: nn.Module) -> str:
-    """``teacher_fingerprint(model).digest``: the value a cache's teacher is compared by."""
-    return teacher_fingerprint(model).digest
+def teacher_digest(model: nn.Module, checkpoint: str | None = None) -> str:
+    """``teacher_fingerprint(model, checkpoint).digest``: the value a cache's teacher is compared by."""
+    return teacher_fingerprint(model, checkpoint).digest
 
 
 def _teacher_digest(code: str, weights: str) -> str:
@@ -235,6 +247,76 @@ def _tensor_bytes(t: torch.Tensor) -> memoryview:
     """
     t = t.detach().contiguous().cpu()
     return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+# --- teacher weights memo ---------------------------------------------------------------------------
+def cache_dir() -> Path:
+    """kdcache's per-user cache: ``$KDCACHE_CACHE_DIR``, else ``$XDG_CACHE_HOME/kdcache``, else ``~/.cache/kdcache``."""
+    if os.environ.get("KDCACHE_CACHE_DIR"):
+        return Path(os.environ["KDCACHE_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kdcache"
+
+
+def _memoized_weights(model: nn.Module, code: str, checkpoint: str, flag: str) -> str:
+    """The weights digest, from the memo when this code has loaded this very checkpoint file before."""
+    key = _memo_key(model, code, checkpoint, flag)
+    if key is None:
+        return weights_digest(model, flag)
+    path = cache_dir() / MEMO_FILE
+    memo = _read_memo(path)
+    if key in memo:
+        return memo[key]
+    weights = memo[key] = weights_digest(model, flag)
+    _write_memo(path, memo)
+    return weights
+
+
+def _memo_key(model: nn.Module, code: str, checkpoint: str, flag: str) -> str | None:
+    """What fixes the weights of a model strictly loaded from ``checkpoint``; None if it is gone.
+
+    The checkpoint is known by its real path, size and mtime. Tensors that are not in the state
+    dict (non-persistent buffers) do not come from it: their bytes are part of the key.
+    """
+    try:
+        stat = os.stat(checkpoint)
+    except OSError:
+        return None
+    tensors = _named_tensors(model, flag)
+    loaded = set(model.state_dict())
+    unloaded = hashlib.sha256()
+    for name, t in tensors:
+        if name not in loaded:
+            _update_tensor(unloaded, name, t, flag)
+    key = ["kdcache-weights-memo-1", code, [[name, str(t.dtype), list(t.shape)] for name, t in tensors],
+           os.path.realpath(checkpoint), stat.st_size, stat.st_mtime_ns, unloaded.hexdigest()]
+    return hashlib.sha256(json.dumps(key).encode()).hexdigest()
+
+
+def _read_memo(path: Path) -> dict[str, str]:
+    """The memo's entries, oldest first; an unreadable or corrupt memo is an empty one."""
+    try:
+        memo = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(memo, dict):
+        return {}
+    return {key: value for key, value in memo.items() if _is_digest(value)}
+
+
+def _write_memo(path: Path, memo: dict[str, str]) -> None:
+    """Atomically replace the memo with its newest :data:`MEMO_ENTRIES` entries; skip if unwritable."""
+    newest = dict(list(memo.items())[-MEMO_ENTRIES:])
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(newest, f)
+        os.replace(tmp, path)
+    except OSError:  # a read-only or full cache dir costs a recomputation next time, never an error
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
 
 
 def _is_digest(value: Any) -> bool:
