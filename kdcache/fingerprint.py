@@ -9,10 +9,11 @@ Teacher (:func:`teacher_fingerprint`): ``digest`` is the value compared; it cove
   the compiled code of the functions it defines. A TorchScript module contributes its original
   class name and its forward's inlined graph (every method and function it calls), tensor
   constants included. Misses: code outside the classes (module-level helpers, globals read by
-  ``forward``), attributes holding other objects (functions, configs), a torch upgrade's new
-  kernels (a torch upgrade that edits a used class's source does invalidate).
+  ``forward``), attributes holding other objects (functions, configs), a TorchScript module's
+  non-constant attributes, a torch upgrade's new kernels (a torch upgrade that edits a used
+  class's source does invalidate).
 * ``weights``: every parameter and buffer (non-persistent ones too): names, dtypes, shapes and
-  bytes, in name order.
+  bytes, in name order; then the state dict entries that are neither (extra state).
 
 Data (:func:`data_fingerprint`), by ``check`` mode:
 
@@ -209,10 +210,22 @@ def _update_scripted(h: "hashlib._Hash", name: str, module: torch.jit.ScriptModu
 
 
 def weights_digest(model: nn.Module, flag: str = "--teacher") -> str:
-    """sha256 over every parameter and buffer: names, dtypes, shapes and bytes, in name order."""
+    """sha256 over every parameter and buffer: names, dtypes, shapes and bytes, in name order.
+
+    State dict entries that are neither (packed quantized weights, ``get_extra_state()``) follow;
+    where they cannot be hashed, the teacher is refused rather than fingerprinted without them.
+    """
     h = hashlib.sha256()
-    for name, tensor in _named_tensors(model, flag):
+    tensors = _named_tensors(model, flag)
+    for name, tensor in tensors:
         _update_tensor(h, name, tensor, flag)
+    names = {name for name, _ in tensors}
+    for name, value in model.state_dict().items():
+        if name not in names:
+            try:
+                _update(h, [name, value], f"state dict entry {name!r}")
+            except _Unhashable as e:
+                raise SpecError(f"{flag}: cannot fingerprint the teacher: {e}") from None
     return h.hexdigest()
 
 

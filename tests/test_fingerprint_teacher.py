@@ -290,3 +290,27 @@ def test_to_dict_from_dict_round_trip_and_refusals():
         TeacherFingerprint.from_dict({"digest": fp.digest})
     with pytest.raises(StoreError, match="not the digest of its code and weights"):
         TeacherFingerprint.from_dict({**fp.to_dict(), "weights": "0" * 64})
+
+
+class WithExtraState(nn.Linear):
+    def __init__(self, version: int) -> None:
+        super().__init__(2, 2)
+        self._version = torch.tensor([version])
+
+    def get_extra_state(self):
+        return {"version": self._version}
+
+    def set_extra_state(self, state) -> None:
+        self._version = state["version"]
+
+
+def test_state_dict_entries_that_are_not_tensors_of_the_model_are_weights():
+    torch.manual_seed(0)
+    a = WithExtraState(1)
+    b = WithExtraState(2)
+    b.load_state_dict({**a.state_dict(), "_extra_state": {"version": torch.tensor([2])}})
+    fa, fb = teacher_fingerprint(a), teacher_fingerprint(b)
+    assert fa.code == fb.code and fa.weights != fb.weights
+    quantized = torch.ao.quantization.quantize_dynamic(nn.Sequential(nn.Linear(4, 4)), {nn.Linear})
+    with pytest.raises(SpecError, match="^--teacher: cannot fingerprint the teacher: state dict entry '0._packed_params"):
+        teacher_fingerprint(quantized)
