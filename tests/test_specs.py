@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import pickle
+import textwrap
 
 import pytest
 import torch
 from torch import nn
 
 from kdcache.errors import SpecError
-from kdcache.sources import load_checkpoint, load_dataset, load_module, resolve
+from kdcache.fingerprint import teacher_fingerprint
+from kdcache.sources import freeze, load_checkpoint, load_dataset, load_module, resolve
 
 
 def test_module_and_file_specs(models_file):
@@ -73,3 +75,80 @@ def test_malicious_pickle_checkpoint_is_refused(tmp_path):
     torch.save({"w": torch.zeros(2), "obj": _Exploit()}, tmp_path / "evil2.pt")
     with pytest.raises(SpecError, match="refused to load"):
         load_checkpoint(str(tmp_path / "evil2.pt"))
+
+
+def test_torchscript_teacher_loads_freezes_runs_and_fingerprints(tmp_path, models_file):
+    eager = load_module(f"{models_file}:teacher", "--teacher")
+    torch.jit.script(eager).save(str(tmp_path / "t.pt"))
+    scripted = load_module(f"torchscript:{tmp_path / 't.pt'}", "--teacher")
+    fingerprint = teacher_fingerprint(scripted)
+    assert freeze(scripted) is scripted
+    assert not scripted.training and not any(m.training for m in scripted.modules())
+    assert not any(p.requires_grad for p in scripted.parameters())
+    x = torch.randn(3, 64)
+    with torch.inference_mode():
+        torch.testing.assert_close(scripted(x), eager(x))
+    assert teacher_fingerprint(scripted) == fingerprint
+    assert freeze(eager) is eager and not eager.training and not any(p.requires_grad for p in eager.parameters())
+
+
+EXITS = textwrap.dedent(
+    """
+    import sys
+
+    def factory():
+        sys.exit("no arguments given")
+    """
+)
+
+
+@pytest.mark.parametrize("where", ["import", "module-import", "factory"])
+def test_sys_exit_in_user_code_is_a_spec_error(tmp_path, monkeypatch, where):
+    if where == "factory":
+        (tmp_path / "exits.py").write_text(EXITS)
+        spec, expected = f"{tmp_path / 'exits.py'}:factory", r"calling '.*exits.py:factory' failed: it called sys.exit\('no"
+    else:
+        (tmp_path / "exits_at_import.py").write_text("import sys\nsys.exit(2)\n")
+        monkeypatch.syspath_prepend(str(tmp_path))
+        target = str(tmp_path / "exits_at_import.py") if where == "import" else "exits_at_import"
+        spec, expected = f"{target}:teacher", r"exits_at_import(\.py)?' failed: it called sys.exit\(2\)"
+    with pytest.raises(SpecError, match=expected) as e:
+        load_module(spec, "--teacher")
+    assert str(e.value).startswith("--teacher: ")
+
+
+LENGTHS = textwrap.dedent(
+    """
+    class Sized:
+        def __init__(self, length):
+            self.length = length
+
+        def __len__(self):
+            if isinstance(self.length, BaseException):
+                raise self.length
+            return self.length
+
+        def __getitem__(self, i):
+            return i
+
+    negative = Sized(-1)
+    fractional = Sized(2.5)
+    raising = Sized(OSError("the index file is gone"))
+    exiting = Sized(SystemExit(3))
+    numpy_count = Sized(__import__("numpy").int64(4))
+    """
+)
+
+
+@pytest.mark.parametrize("attr,message", [
+    ("negative", "expected an integer >= 0, got -1 instead"),
+    ("fractional", "expected an integer >= 0, got 2.5 instead"),
+    ("raising", "failed: OSError: the index file is gone"),
+    ("exiting", r"failed: it called sys.exit\(3\)"),
+])
+def test_datasets_with_a_bad_length_are_refused(tmp_path, attr, message):
+    (tmp_path / "lengths.py").write_text(LENGTHS)
+    with pytest.raises(SpecError, match=message) as e:
+        load_dataset(f"{tmp_path / 'lengths.py'}:{attr}", "--eval-data")
+    assert str(e.value).startswith(f"--eval-data: len() of '{tmp_path / 'lengths.py'}:{attr}'")
+    assert len(load_dataset(f"{tmp_path / 'lengths.py'}:numpy_count")) == 4

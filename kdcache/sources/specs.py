@@ -11,12 +11,10 @@ or a zero-argument factory returning one; for data it is a map-style dataset (``
 
 from __future__ import annotations
 
-import hashlib
 import importlib
-import importlib.util
 import inspect
+import operator
 import re
-import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -25,6 +23,11 @@ import torch
 from torch import nn
 
 from kdcache.errors import SpecError
+from kdcache.sources import _spec_import
+
+# What a user's module, factory or __len__ may raise that becomes a SpecError: sys.exit() included,
+# so a script that parses its arguments at import time cannot end kdcache.
+_USER_CODE_ERRORS = (Exception, SystemExit)
 
 
 def resolve(spec: str, flag: str) -> Any:
@@ -53,32 +56,26 @@ def _import_module(name: str, flag: str):
         return importlib.import_module(name)
     except ModuleNotFoundError as e:
         raise SpecError(f"{flag}: cannot import module {name!r}: {e}") from None
-    except Exception as e:  # the user's module raised while importing
-        raise SpecError(f"{flag}: importing {name!r} failed: {type(e).__name__}: {e}") from None
+    except _USER_CODE_ERRORS as e:  # the user's module raised while importing
+        raise SpecError(f"{flag}: importing {name!r} failed: {_failure(e)}") from None
 
 
 def _import_file(path: str, flag: str):
     file = Path(path).expanduser().resolve()
     if not file.is_file():
         raise SpecError(f"{flag}: file {path!r} does not exist")
-    # A stable module name per file, so two specs naming one file share one module.
-    name = "_kdcache_spec_" + hashlib.sha1(str(file).encode()).hexdigest()[:12]
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, file)
-    if spec is None or spec.loader is None:
-        raise SpecError(f"{flag}: cannot load {path!r} as a Python file")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    sys.path.insert(0, str(file.parent))  # let the file import its neighbours
     try:
-        spec.loader.exec_module(module)
-    except Exception as e:
-        del sys.modules[name]
-        raise SpecError(f"{flag}: running {path!r} failed: {type(e).__name__}: {e}") from None
-    finally:
-        sys.path.remove(str(file.parent))
-    return module
+        return _spec_import.import_file(str(file))
+    except _USER_CODE_ERRORS as e:
+        raise SpecError(f"{flag}: running {path!r} failed: {_failure(e)}") from None
+
+
+def _failure(e: BaseException) -> str:
+    """How the user's code failed, in one phrase."""
+    if isinstance(e, SystemExit):
+        return (f"it called sys.exit({e.code!r}) (code that parses command-line arguments belongs "
+                "under `if __name__ == \"__main__\":`)")
+    return f"{type(e).__name__}: {e}"
 
 
 def _call_factory(obj: Any, spec: str, flag: str) -> Any:
@@ -93,8 +90,8 @@ def _call_factory(obj: Any, spec: str, flag: str) -> Any:
         raise SpecError(f"{flag}: {spec!r} is a callable that needs arguments; give a zero-argument factory")
     try:
         return obj()
-    except Exception as e:
-        raise SpecError(f"{flag}: calling {spec!r} failed: {type(e).__name__}: {e}") from None
+    except _USER_CODE_ERRORS as e:
+        raise SpecError(f"{flag}: calling {spec!r} failed: {_failure(e)}") from None
 
 
 def load_module(spec: str, flag: str, checkpoint: str | None = None) -> nn.Module:
@@ -123,6 +120,17 @@ def load_module(spec: str, flag: str, checkpoint: str | None = None) -> nn.Modul
             model.load_state_dict(state)
         except RuntimeError as e:
             raise SpecError(f"--checkpoint {checkpoint}: does not fit {spec!r}: {_one_line(str(e))}") from None
+    return model
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Put ``model`` in eval mode with no parameter requiring gradients; returns it.
+
+    Works for TorchScript modules too, on which ``model.requires_grad_(False)`` raises.
+    """
+    model.eval()
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
     return model
 
 
@@ -174,15 +182,27 @@ def load_dataset(spec: str, flag: str = "--data") -> Any:
             f"{flag}: {spec!r} is not a map-style dataset (needs __len__ and __getitem__), "
             f"got {type(obj).__name__}"
         )
+    _check_length(obj, spec, flag)
     return obj
+
+
+def _check_length(dataset: Any, spec: str, flag: str) -> None:
+    """Refuse a dataset whose ``len()`` raises or is not a count: the whole pipeline relies on it."""
+    try:
+        length = type(dataset).__len__(dataset)
+    except _USER_CODE_ERRORS as e:
+        raise SpecError(f"{flag}: len() of {spec!r} failed: {_failure(e)}") from None
+    if not _is_count(length):
+        raise SpecError(f"{flag}: len() of {spec!r}: expected an integer >= 0, got {length!r} instead")
+
+
+def _is_count(value: Any) -> bool:
+    try:
+        return operator.index(value) >= 0
+    except TypeError:
+        return False
 
 
 def _is_map_style(obj: Any) -> bool:
     return not isinstance(obj, type) and hasattr(obj, "__len__") and hasattr(obj, "__getitem__")
 
-
-def freeze(model: nn.Module) -> nn.Module:  # interim (replaced by the specs rework)
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
