@@ -27,6 +27,7 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # usage errors as plain lines ("Error: Invalid value for '--batch-size' ..."), not boxes
 )
 err = Console(stderr=True)
 out = Console(soft_wrap=True)

@@ -70,6 +70,19 @@ DATASETS = textwrap.dedent(
 )
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache_dir(tmp_path_factory):
+    """Teacher-digest memos go to a folder of this run, never to the user's ~/.cache."""
+    folder = tmp_path_factory.mktemp("kdcache-home")
+    old = os.environ.get("KDCACHE_CACHE_DIR")
+    os.environ["KDCACHE_CACHE_DIR"] = str(folder)
+    yield folder
+    if old is None:
+        os.environ.pop("KDCACHE_CACHE_DIR", None)
+    else:
+        os.environ["KDCACHE_CACHE_DIR"] = old
+
+
 @pytest.fixture(scope="session")
 def datasets_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("data") / "datasets.py"

@@ -77,7 +77,9 @@ def test_flags_override_the_config_file(configured):
     assert first.returncode == 0, first.stderr
     m = manifest(cache)
     assert m["status"] == "complete" and m["rows"] == 100
-    assert m["capture"]["dtype"] == "float16"  # --dtype float16 beats dtype = "float32", though it is the default
+    logits = next(a for a in m["arrays"] if a["name"] == "logits")
+    assert logits["dtype"] == "float16"  # --dtype float16 beats dtype = "float32", though it is the default
+    assert m["capture"] == [{"kind": "logits", "version": 1, "settings": {}}]  # defaults are left out
     assert m["chunk_rows"] == 32  # --chunk-rows beats chunk-rows = 8
 
 
@@ -132,7 +134,8 @@ def test_info_json(configured):
     proc = run_cli("info", cache, "--json")
     assert proc.returncode == 0, proc.stderr
     d = json.loads(proc.stdout)
-    assert set(d["arrays"]) >= {"index", "label", "logits", "meta.parquet"}
+    assert set(d["arrays"]) == {"index", "label", "logits", "table"}
+    assert d["arrays"]["logits"]["bytes_per_row"] == 20 and d["arrays"]["table"]["columns"][0] == "index"
     assert d["arrays"]["logits"]["shape"] == [100, 10] and d["arrays"]["logits"]["dtype"] == "float16"
     assert all(isinstance(a["bytes"], int) and a["bytes"] > 0 for a in d["arrays"].values())
     assert d["bytes"] == sum(a["bytes"] for a in d["arrays"].values())
@@ -142,7 +145,8 @@ def test_info_json(configured):
 
 HELP_FLAGS = {
     "dump": ["--teacher", "--data", "--out", "--checkpoint", "--batch-size", "--device", "--dtype", "--chunk-rows",
-             "--num-workers", "--overwrite", "--resume", "--quiet", "--config"],
+             "--num-workers", "--overwrite", "--resume", "--order", "--order-seed", "--data-check", "--quiet",
+             "--config"],
     "train": ["--cache", "--student", "--data", "--out", "--eval-data", "--epochs", "--batch-size", "--lr",
               "--weight-decay", "--temperature", "--alpha", "--seed", "--device", "--num-workers", "--shuffle-buffer",
               "--online", "--teacher", "--checkpoint", "--overwrite", "--quiet", "--config"],

@@ -18,8 +18,9 @@ import kdcache
 from kdcache.capture.dump import dump
 from kdcache.config import DumpConfig
 from kdcache.errors import StoreLockedError
-from kdcache.store import writer as writer_mod
+from kdcache.store import lock as lock_mod
 from kdcache.store.fs import Location
+from kdcache.store.lock import Lock
 
 from test_verify import make_partial
 
@@ -108,7 +109,7 @@ def test_second_dump_into_a_store_being_written_is_refused(slow_module, tmp_path
         message = " ".join(second.stderr.split())
         assert first.poll() is None, "the first dump ended too soon for this test"
         assert second.returncode != 0
-        assert "being written by another dump" in message, message
+        assert "is locked by another process" in message, message
         assert f"pid {first.pid} on {socket.gethostname()}" in message, message
         # The lock is still the first dump's, for the whole dump (creating the group must not wipe it).
         assert _lock(out)["pid"] == first.pid
@@ -129,7 +130,7 @@ def test_two_dumps_started_together_one_writes_one_is_refused(slow_module, tmp_p
     codes = sorted(code for code, _ in results)
     assert codes[0] == 0 and codes[1] != 0, results
     refused = next(msg for code, msg in results if code != 0)
-    assert "being written by another dump" in refused, refused
+    assert "is locked by another process" in refused, refused
     cache = kdcache.open(out)
     assert cache.committed_rows() == 384 and _lock(out) is None
     from kdcache.store.verify import verify
@@ -161,49 +162,57 @@ def test_torn_empty_lock_is_stale(models_file, tmp_path, digits_cache):
     assert _lock(out) is None and kdcache.open(out).complete
 
 
+def _store_lock(out: Path) -> Lock:
+    return Lock(Location(str(out)), "_kdcache/lock.json", f"--out {out}")
+
+
 def test_lock_of_another_host(tmp_path):
-    loc = Location(str(tmp_path / "c.zarr"))
     recent = {"pid": 1, "host": "elsewhere.example", "since": time.time() - 60}
     _write_lock(tmp_path / "c.zarr", json.dumps(recent).encode())
     with pytest.raises(StoreLockedError, match=r"pid 1 on elsewhere\.example"):
-        writer_mod._acquire_lock(loc, "--out")
-    old = {**recent, "since": time.time() - writer_mod.LOCK_STALE_SECONDS - 60}
+        _store_lock(tmp_path / "c.zarr").acquire()
+    old = {**recent, "since": time.time() - lock_mod.STALE_SECONDS - 60}
     _write_lock(tmp_path / "c.zarr", json.dumps(old).encode())
-    writer_mod._acquire_lock(loc, "--out")
+    lock = _store_lock(tmp_path / "c.zarr")
+    lock.acquire()
     assert _lock(tmp_path / "c.zarr")["pid"] == os.getpid()
-    writer_mod._release_lock(loc)
+    lock.release()
     assert _lock(tmp_path / "c.zarr") is None
 
 
 def test_live_lock_of_this_host_is_respected_and_release_is_owner_only(tmp_path):
     out = tmp_path / "c.zarr"
-    loc = Location(str(out))
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         held = json.dumps({"pid": sleeper.pid, "host": socket.gethostname(), "since": time.time()}).encode()
         _write_lock(out, held)
+        mine = _store_lock(out)
         with pytest.raises(StoreLockedError, match=f"pid {sleeper.pid} on "):
-            writer_mod._acquire_lock(loc, "--out")
-        writer_mod._release_lock(loc)  # not ours: kept
+            mine.acquire()
+        mine.release()  # not ours: kept
         assert (out / "_kdcache/lock.json").read_bytes() == held
     finally:
         sleeper.kill()
         sleeper.wait()
-    writer_mod._acquire_lock(loc, "--out")  # its owner is gone now
+    mine = _store_lock(out)
+    mine.acquire()  # its owner is gone now
     assert _lock(out)["pid"] == os.getpid()
     assert [p.name for p in (out / "_kdcache").iterdir()] == ["lock.json"]  # no temporary files left
-    writer_mod._release_lock(loc)
+    other = _store_lock(out)
+    other.release()  # another holder object in this process: never removes a lock it does not hold
+    assert _lock(out)["pid"] == os.getpid()
+    mine.release()
+    assert _lock(out) is None
 
 
 def test_breaking_a_stale_lock_spares_a_lock_taken_meanwhile(tmp_path):
     """Two dumps judge the same lock stale; the first takes over. The second's late removal of the
     lock it judged stale must not remove the first's fresh lock."""
     out = tmp_path / "c.zarr"
-    loc = Location(str(out))
     stale = json.dumps({"pid": _dead_pid(), "host": socket.gethostname(), "since": time.time()}).encode()
     fresh = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}).encode()
     _write_lock(out, fresh)  # what the first dump put there after breaking `stale`
-    writer_mod._break_lock(loc, stale)
+    _store_lock(out)._break(stale)
     assert (out / "_kdcache/lock.json").read_bytes() == fresh
     assert [p.name for p in (out / "_kdcache").iterdir()] == ["lock.json"]
 

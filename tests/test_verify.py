@@ -164,7 +164,7 @@ def test_corrupted_commit_record(fresh):
     ("crc32c", {"index": "12"}, "an unsigned 32-bit integer, got '12'"),
     ("crc32c", {"index": None}, "an unsigned 32-bit integer, got None"),
     ("chunk", 5, "chunk: expected 4, got 5"),
-    ("generation", "0" * 32, "belongs to generation '000000000000'"),
+    ("generation", "0" * 32, "chunk 4 is of generation '000000000000'"),
 ])
 def test_hand_edited_commit_records_fail_verify(fresh, field, value, says):
     cache = fresh()

@@ -88,7 +88,10 @@ def dump(cfg: DumpConfig, progress: bool = True) -> DumpResult:
         raise DataError(f"--data: {cfg.data!r} is empty; nothing to dump")
     kinds = cfg.captures()
     order = RowOrder(shuffle=cfg.order == "shuffled", seed=cfg.order_seed)
-    existing = survey(location(cfg.out)).manifest
+    try:
+        existing = survey(location(cfg.out)).manifest
+    except StoreError as e:  # a URL whose fsspec backend is not installed, say
+        raise StoreError(f"--out {e}") from None
     check = cfg.data_check or (existing.data.check if existing is not None else "sampled")
     fp = teacher_fingerprint(teacher, cfg.checkpoint)
     manifest = Manifest(
@@ -123,7 +126,7 @@ def dump(cfg: DumpConfig, progress: bool = True) -> DumpResult:
         _run(cfg, teacher, dataset, writer, kinds, plan, order, device, classes, progress)
         manifest = writer.finalize()
     except BaseException as e:
-        raise _kept(e, writer.abandon(), rows) from None
+        raise _kept(e, writer.abandon(), rows, cfg.out) from None
     return DumpResult(action, cfg.out, rows, todo, time.perf_counter() - t0, manifest)
 
 
@@ -132,14 +135,17 @@ def _chunk_rows(cfg: DumpConfig, row_bytes: int, rows: int, existing: Manifest |
         if existing is not None and existing.rows == rows and not cfg.overwrite:
             return existing.chunk_rows  # resuming: the partial dump's layout
         return default_chunk_rows(row_bytes, rows)
-    chunk_rows = min(cfg.chunk_rows, rows)  # a chunk cannot hold more than the dataset
+    chunk_rows = cfg.chunk_rows
+    if chunk_rows > rows:
+        raise ConfigError(f"--chunk-rows {chunk_rows} is more than the dataset's {rows:,} rows: give at most "
+                          f"{rows}, or leave it out (the default fits the rows)")
     if chunk_rows * row_bytes > MAX_CHUNK_BYTES:
         raise ConfigError(f"--chunk-rows {cfg.chunk_rows}: a chunk would hold {chunk_rows * row_bytes / 2**30:.1f} GiB "
                           f"({row_bytes:,} bytes a row); at most {MAX_CHUNK_BYTES // 2**30} GiB: give fewer rows")
     return chunk_rows
 
 
-def _kept(e: BaseException, kept: int, rows: int) -> BaseException:
+def _kept(e: BaseException, kept: int, rows: int, out: str) -> BaseException:
     """The failure, saying what was kept: committed chunks are never removed by a failure."""
     if kept:
         note = f"{kept:,} of {rows:,} rows are committed and kept: run the same command again to resume"
@@ -149,8 +155,7 @@ def _kept(e: BaseException, kept: int, rows: int) -> BaseException:
         e.args = (f"{e.args[0] if e.args else e}; {note}", *e.args[1:])
         return e
     if isinstance(e, OSError):  # a full disk, a read-only folder: the writer's files are under --out
-        where = f"{e.filename}: " if e.filename else ""
-        return StoreError(f"--out: {where}{e.strerror or e}; {note}")
+        return StoreError(f"--out: {e.filename or out}: {e.strerror or e}; {note}")
     return e  # ^C, a crash: the CLI says the committed chunks are kept
 
 

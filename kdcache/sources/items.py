@@ -70,9 +70,28 @@ def collate_items(items: list[Any], indices: list[int], flag: str = "--data") ->
     try:
         batch = default_collate(inputs)
     except (RuntimeError, TypeError, ValueError) as e:
-        raise DataError(f"{flag}: items {indices[0]}..{indices[-1]} cannot be batched together "
-                        f"(inputs must be tensors/arrays of one shape, or dicts of them): {e}") from None
+        raise DataError(f"{flag}: {_odd_one_out(inputs, indices) or f'items {indices[0]}, {indices[1]}, …'} "
+                        f"cannot be batched together (inputs must be tensors/arrays of one shape, or dicts of "
+                        f"them): {_first_line(e)}") from None
     return batch, labels
+
+
+def _odd_one_out(inputs: list[Any], indices: list[int]) -> str | None:
+    """'item 5 (shape (63,)) and item 12 (shape (64,))': the first input unlike the first one."""
+    def shape(x: Any) -> Any:
+        if isinstance(x, dict):
+            return {k: shape(v) for k, v in x.items()}
+        return tuple(x.shape) if hasattr(x, "shape") else type(x).__name__
+
+    first = shape(inputs[0])
+    for x, i in zip(inputs[1:], indices[1:]):
+        if shape(x) != first:
+            return f"item {i} (shape {shape(x)}) and item {indices[0]} (shape {first})"
+    return None
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
 def _fast_labels(items: list[Any]) -> torch.Tensor | None:

@@ -51,7 +51,7 @@ class Lock:
                 since = holder.get("since")
                 age = f", for {time.time() - since:.0f} s" if isinstance(since, (int, float)) else ""
                 raise StoreLockedError(
-                    f"{self.what} is in use by another process (pid {holder.get('pid')} on {holder.get('host')}"
+                    f"{self.what} is locked by another process (pid {holder.get('pid')} on {holder.get('host')}"
                     f"{age}); wait for it, or remove {self.location.path(self.rel)} if that process is gone")
             self._break(raw)
         raise StoreLockedError(f"{self.what}: could not take the lock {self.location.path(self.rel)}")

@@ -101,6 +101,9 @@ def read_manifest(loc: Location) -> Manifest:
     if found.state == "empty":
         raise NotAStoreError(f"cache {loc.url!r} does not exist")
     if found.manifest is None:
+        if found.state == "abandoned" and found.commits:
+            raise StoreError(f"cache {loc.url!r}: {found.problem}, and there is no manifest copy to fall back "
+                             f"on ({found.commits} chunks are committed): run `kdcache verify`, or dump again")
         if found.state == "abandoned":
             raise StoreError(f"cache {loc.url!r}: its first dump stopped before it wrote a manifest "
                              "(nothing to read); run the dump again")
@@ -244,9 +247,16 @@ class Cache:
     def _admit(self, chunk: int) -> None:
         if not 0 <= chunk < self.num_chunks:
             raise IndexError(f"chunk {chunk} is outside the cache's {self.num_chunks} chunks")
-        if self.commit_record(chunk) is None:
-            raise StoreError(f"cache {self.url!r}: chunk {chunk} (rows {self.chunk_bounds(chunk)[0]}.."
-                             f"{self.chunk_bounds(chunk)[1] - 1}) is not committed")
+        try:
+            record = self.commit_record(chunk)
+        except sc.StaleChunkError as e:
+            raise sc.StaleChunkError(f"cache {self.url!r}: {e}") from None
+        if record is None:
+            rows = f"chunk {chunk} (rows {self.chunk_bounds(chunk)[0]}..{self.chunk_bounds(chunk)[1] - 1})"
+            if self.complete:  # a complete cache loses a record only to an overwrite (or damage)
+                raise sc.StaleChunkError(f"cache {self.url!r}: {rows} has no commit record any more: the cache was "
+                                         "overwritten (or damaged) since it was opened; open it again")
+            raise StoreError(f"cache {self.url!r}: {rows} is not committed")
         copied = 0
         for name in self.arrays:
             copied += self._load(self._store(name), self.layout(name), chunk)

@@ -488,8 +488,8 @@ class CommitRecord:
             raise _fail(f"{where}.rows", str(expected), d.get("rows"))
         if d.get("generation") != manifest.generation:
             raise StaleChunkError(
-                f"{where}: belongs to generation {str(d.get('generation'))[:12]!r}, the cache is generation "
-                f"{manifest.generation[:12]!r} (it was overwritten since it was opened)")
+                f"chunk {chunk} is of generation {str(d.get('generation'))[:12]!r}, not {manifest.generation[:12]!r}: "
+                "the cache was overwritten since it was opened; open it again")
         crcs = _dict(d, "crc32c", where)
         for name, value in crcs.items():
             if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**32:
