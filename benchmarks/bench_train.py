@@ -19,7 +19,7 @@ map-style dataset of (input, label) items (MNIST-sized synthetic).
   (the cached-KD step without the loader: separates the loss's cost from the loader's);
 * ``cached loader only``: the cached KD loader with no training step (the loader's own cost).
 
-Target: cached KD steps/s >= 0.95 x plain steps/s (both plain variants are reported and judged).
+Targets: cached KD steps/s >= 0.95 x plain DataLoader steps/s, and >= 0.9 x tensor-slicing steps/s.
 """
 
 from __future__ import annotations
@@ -39,8 +39,9 @@ from kdcache.capture.dump import dump  # noqa: E402
 from kdcache.config import DumpConfig  # noqa: E402
 from kdcache.loader import CacheDataset, DatasetRows, make_loader  # noqa: E402
 from kdcache.losses import kd_loss  # noqa: E402
+from kdcache.sources import freeze  # noqa: E402
 
-TARGET = 0.95
+TARGETS = {"plain, DataLoader": 0.95, "plain, tensor slicing": 0.9}
 
 
 def main() -> None:
@@ -81,7 +82,7 @@ def main() -> None:
                                  device=str(device)), progress=False)
         print(f"cache {store.name}: {result.action}, {result.seconds:.1f} s")
         cache = kdcache.open(store)
-        teacher = models.train_teacher().eval().requires_grad_(False).to(device)
+        teacher = freeze(models.train_teacher()).to(device)
 
         def trainer():
             torch.manual_seed(args.seed)
@@ -149,7 +150,7 @@ def main() -> None:
 
         # (c) online KD: the same loader over DatasetRows, the teacher live
         on_student, on_opt = trainer()
-        online_ds = CacheDataset(DatasetRows(args.rows, cache.chunk_rows), data, batch_size=args.batch_size,
+        online_ds = CacheDataset(DatasetRows(args.rows), data, batch_size=args.batch_size,
                                  seed=args.seed, targets=())
         online_loader = make_loader(online_ds, num_workers=args.num_workers, pin_memory=pin)
 
@@ -184,12 +185,8 @@ def main() -> None:
     print(f"{steps} steps of {args.batch_size} rows per epoch")
     print(common.table(rows, ["variant", "median s/epoch", "min..max s", "CPU s", "ms/step", "steps/s",
                               "x plain slicing", "x plain DataLoader"]))
-    verdicts = [
-        common.verdict("cached KD / plain (DataLoader) steps/s", med["plain, DataLoader"] / med["cached KD"], TARGET,
-                       common.paired(times["plain, DataLoader"], times["cached KD"])),
-        common.verdict("cached KD / plain (tensor slicing) steps/s", med["plain, tensor slicing"] / med["cached KD"],
-                       TARGET, common.paired(times["plain, tensor slicing"], times["cached KD"])),
-    ]
+    verdicts = [common.verdict(f"cached KD / {base} steps/s", med[base] / med["cached KD"], target,
+                               common.paired(times[base], times["cached KD"])) for base, target in TARGETS.items()]
     print(f"cached KD is {med['online KD'] / med['cached KD']:.2f}x as fast as online KD")
     common.save(args.json, {
         "benchmark": "train", "command": common.command_line(), "machine": info, "args": vars(args),

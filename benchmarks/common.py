@@ -106,12 +106,14 @@ CPU: dict[str, list[float]] = {}  # process CPU seconds (user + system, all thre
 
 
 def interleaved(variants: dict[str, Callable[[int], Any]], repeats: int, warmup: int,
-                device: torch.device, after: dict[str, Callable[[], Any]] | None = None) -> dict[str, list[float]]:
+                device: torch.device, after: dict[str, Callable[[], Any]] | None = None,
+                before: dict[str, Callable[[], Any]] | None = None) -> dict[str, list[float]]:
     """Seconds per call of each variant, ``repeats`` each, interleaved in rotating order.
 
     Each variant is called with the repeat number (warm-up calls get negative numbers), so a
     variant can use it as an epoch. Warm-up runs (untimed) come first, in the same rotation.
-    ``after[name]``, if given, runs untimed after each call of that variant (cleanup).
+    ``before[name]`` / ``after[name]``, if given, run untimed around each call of that variant
+    (setup such as dropping the page cache; cleanup).
     """
     names = list(variants)
     times: dict[str, list[float]] = {n: [] for n in names}
@@ -121,6 +123,8 @@ def interleaved(variants: dict[str, Callable[[int], Any]], repeats: int, warmup:
     for r in range(-warmup, repeats):
         k = r % len(names)
         for name in names[k:] + names[:k]:
+            if before and name in before:
+                before[name]()
             sync(device)
             c0, t0 = time.process_time(), time.perf_counter()
             variants[name](r)
@@ -229,5 +233,5 @@ def make_store(path: Path, *, rows: int, classes: int, dtype: str = "float16", c
                      batch_size=batch_size, dtype=dtype, chunk_rows=chunk_rows, device=device)
     result = dump(cfg, progress=False)
     print(f"store {path}: {result.action}, {result.rows} rows x {classes} {dtype}, "
-          f"chunk_rows={result.manifest['chunk_rows']}, {time.perf_counter() - t0:.1f} s")
+          f"chunk_rows={result.manifest.chunk_rows}, {time.perf_counter() - t0:.1f} s")
     return result

@@ -16,18 +16,20 @@ SPLIT_SEED = 0
 TEST_FRACTION = 0.3
 
 
-class TensorPairs(torch.utils.data.Dataset):
-    """A map-style dataset over ``(inputs[i], labels[i])`` tensors."""
+class TensorPairs(torch.utils.data.TensorDataset):
+    """A map-style dataset over ``(inputs[i], labels[i])`` tensors (a ``TensorDataset``, which the
+    loader joins a batch at a time: one index per tensor, not one item at a time)."""
 
     def __init__(self, inputs: torch.Tensor, labels: torch.Tensor) -> None:
-        assert len(inputs) == len(labels)
-        self.inputs, self.labels = inputs, labels
+        super().__init__(inputs, labels)
 
-    def __len__(self) -> int:
-        return len(self.inputs)
+    @property
+    def inputs(self) -> torch.Tensor:
+        return self.tensors[0]
 
-    def __getitem__(self, i: int):
-        return self.inputs[i], self.labels[i]
+    @property
+    def labels(self) -> torch.Tensor:
+        return self.tensors[1]
 
 
 def _digits() -> tuple[np.ndarray, np.ndarray]:

@@ -11,8 +11,8 @@ paper). Multiplying by T^2 keeps the relative weight of the hard and soft terms 
 when the temperature is changed, so alpha means the same thing at T=2 and at T=8.
 
 Teacher logits are constants (detached); they may come from the cache as float16/bfloat16 and are
-used in float32, or float64 when the student logits are float64. Labels equal to
-``IGNORE_INDEX`` (-1) mark unlabelled rows: they contribute to the soft term only.
+used in float32, or float64 when the student logits are float64. A negative label (``-1``, or
+PyTorch's ``-100``) marks an unlabelled row: it contributes to the soft term only.
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ def _soft_kl_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor, te
 def _ce_rows(student_logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row cross-entropy, 0 for unlabelled rows, and the labelled mask. Returns (B,), (B,)."""
     s = student_logits.to(_compute_dtype(student_logits))  # (B, C)
-    labels = labels.long()  # (B,)
+    labels = labels.long().clamp_min(IGNORE_INDEX)  # (B,): any negative label means unlabelled
     ce = F.cross_entropy(s, labels, ignore_index=IGNORE_INDEX, reduction="none")  # (B,), 0 where ignored
     return ce, labels != IGNORE_INDEX
 

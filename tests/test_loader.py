@@ -284,3 +284,24 @@ def test_rejects_bad_arguments(cache, kwargs, name):
         CacheDataset(cache, **{"batch_size": 8, **kwargs})
     with pytest.raises(ValueError, match="^epoch: expected"):
         CacheDataset(cache, batch_size=8).set_epoch(-1)
+
+
+class _ItemByItem(torch.utils.data.Dataset):
+    """The same items as a TensorPairs, but only through __getitem__ (the generic path)."""
+
+    def __init__(self, pairs):
+        self.pairs = pairs
+
+    def __len__(self):
+        return len(self.pairs)
+
+    def __getitem__(self, i):
+        return self.pairs[i]
+
+
+def test_a_tensor_dataset_is_joined_a_batch_at_a_time_with_the_same_result(cache, data):
+    fast = CacheDataset(cache, data, batch_size=100, seed=2)
+    slow = CacheDataset(cache, _ItemByItem(data), batch_size=100, seed=2)
+    for a, b in zip(fast, slow):
+        assert torch.equal(a["input"], b["input"]) and torch.equal(a["label"], b["label"])
+        assert a["label"].dtype == b["label"].dtype == torch.int64

@@ -231,3 +231,15 @@ def test_helpers_validate_too():
         soft_kl(s, t[:, :3], 2.0)
     with pytest.raises(ValueError, match=r"labels of shape \(4,\)"):
         ce_loss(s, y[:2])
+
+
+def test_any_negative_label_means_unlabelled():
+    """PyTorch's ignore_index is -100; kdcache stores -1: both mean "no label"."""
+    torch.manual_seed(0)
+    s, t = torch.randn(6, 5), torch.randn(6, 5)
+    labels = torch.tensor([0, -100, 2, -1, 4, -7])
+    same = torch.tensor([0, -1, 2, -1, 4, -1])
+    for alpha in (0.0, 0.5):
+        torch.testing.assert_close(kd_loss(s, t, labels, alpha=alpha), kd_loss(s, t, same, alpha=alpha))
+    ce = torch.nn.functional.cross_entropy(s[[0, 2, 4]], labels[[0, 2, 4]])
+    torch.testing.assert_close(kd_loss(s, t, labels, alpha=0.0), ce)

@@ -52,8 +52,8 @@ class DatasetRows:
         self.order = order
         self.arrays: dict[str, Any] = {}
 
-    def units(self) -> np.ndarray | None:
-        return None  # every row
+    def willneed(self, rows: np.ndarray) -> None:
+        pass  # nothing to read ahead
 
     def gather(self, names: list[str], rows: np.ndarray) -> dict[str, np.ndarray]:
         return {"index": self.order.items(rows, self.rows)} if "index" in names else {}
@@ -143,6 +143,7 @@ class CacheDataset(IterableDataset):
             raise ValueError(f"targets: expected names of arrays in {source!r} (not index or label), "
                              f"got {missing[0]!r} instead")
         self.targets = tuple(targets)
+        self._names = ["index", *self.targets] + (["label"] if data is None and "label" in source.arrays else [])
         self.data = data
         if data is not None:
             self._check_data(data, check_data)
@@ -233,20 +234,26 @@ class CacheDataset(IterableDataset):
         if info is None:
             self._begin()
         plan = self.plan()
+        ahead = -1  # the last window whose rows were announced to the kernel
         for b in range(int(self._state[2]) + worker, plan.num_batches, workers):
+            window = b * self.batch_size // plan.window
+            while ahead < min(window + 1, plan.num_windows - 1):  # this window and the next
+                ahead += 1
+                if ahead >= window:
+                    self.source.willneed(self._storage_rows(plan.window_units(ahead)))
             batch = self.batch(plan.batch(b))
             if info is None:  # in the main process: count what is delivered (else the loader does)
                 self._state[1] = b + 1
             yield batch
 
     # --- reading ----------------------------------------------------------------------------------
+    def _storage_rows(self, units: np.ndarray) -> np.ndarray:
+        return units if self._rows is None else self._rows[units]
+
     def batch(self, units: np.ndarray) -> dict[str, Any]:
         """The batch of these units: one gather per array, rows ascending."""
-        rows = np.sort(units if self._rows is None else self._rows[units])
-        names = ["index", *self.targets]
-        if self.data is None and "label" in self.source.arrays:
-            names.append("label")
-        got = self.source.gather(names, rows)
+        rows = np.sort(self._storage_rows(units))
+        got = self.source.gather(self._names, rows)
         batch: dict[str, Any] = {"row": torch.from_numpy(rows), "index": torch.from_numpy(got["index"])}
         if self.data is not None:
             batch["input"], batch["label"] = self._inputs(got["index"])
@@ -259,6 +266,12 @@ class CacheDataset(IterableDataset):
         return batch
 
     def _inputs(self, index: np.ndarray) -> tuple[Any, torch.Tensor]:
+        tensors = _batched_tensors(self.data)
+        if tensors is not None:  # in-memory tensors: one gather each, as tensor slicing does
+            idx = torch.from_numpy(index)
+            labels = tensors[1][idx].clamp_min(NO_LABEL) if len(tensors) == 2 else torch.full(
+                (len(index),), NO_LABEL, dtype=torch.int64)
+            return tensors[0][idx], labels
         indices = index.tolist()
         getitems = getattr(self.data, "__getitems__", None)
         try:
@@ -272,6 +285,17 @@ class CacheDataset(IterableDataset):
                 f"shuffle={self.shuffle}, epoch={self.epoch}, rank={self.rank}, world={self.world})")
 
 
+def _batched_tensors(data: Any) -> tuple[torch.Tensor, ...] | None:
+    """A ``TensorDataset`` of (inputs) or (inputs, integer labels [N]): gathered a batch at a time."""
+    if not isinstance(data, torch.utils.data.TensorDataset) or len(data.tensors) not in (1, 2):
+        return None
+    if len(data.tensors) == 2:
+        labels = data.tensors[1]
+        if labels.ndim != 1 or labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+            return None  # not one class id per item: item by item, with its error message
+    return data.tensors
+
+
 def _committed_rows(source: Cache | DatasetRows) -> np.ndarray | None:
     """The storage rows of committed chunks, for a cache still being written (None: all rows)."""
     if isinstance(source, DatasetRows) or source.complete:
@@ -282,12 +306,18 @@ def _committed_rows(source: Cache | DatasetRows) -> np.ndarray | None:
 
 class CacheLoader(DataLoader):
     """A DataLoader over a :class:`CacheDataset`'s own batches that counts what it delivers, so
-    ``dataset.state_dict()`` is exact with worker processes too."""
+    ``dataset.state_dict()`` is exact with worker processes too. Without workers it yields the
+    dataset's batches directly: its batches are ready-made tensors, and the DataLoader's per-batch
+    machinery (conversion, profiler hooks) would cost as much as reading them."""
 
     def __iter__(self):
         ds: CacheDataset = self.dataset
-        if self.num_workers == 0:
-            yield from super().__iter__()  # the dataset counts in this process
+        if self.num_workers == 0:  # the dataset counts in this process
+            if not self.pin_memory:
+                yield from ds
+                return
+            for batch in ds:
+                yield {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
             return
         ds._begin()
         for batch in super().__iter__():

@@ -71,7 +71,12 @@ class EpochPlan:
     block: int = BLOCK
     window: int = WINDOW
     drop_last: bool = False
-    _windows: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    _windows: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # memo: windows, blocks
+
+    span: tuple[int, int] = field(init=False)  # positions of the epoch sequence this rank reads
+    rank_units: int = field(init=False)  # units this rank yields (drop_last: whole batches only)
+    num_batches: int = field(init=False)
+    num_windows: int = field(init=False)
 
     def __post_init__(self) -> None:
         _int("units", self.units, 0)
@@ -82,21 +87,11 @@ class EpochPlan:
         _int("rank", self.rank, 0, self.world)
         _int("shuffle_block", self.block, 1)
         _int("shuffle_buffer", self.window, 1)
-
-    # --- sizes ----------------------------------------------------------------------------------
-    @property
-    def span(self) -> tuple[int, int]:
-        return rank_span(self.units, self.rank, self.world, self.drop_last)
-
-    @property
-    def rank_units(self) -> int:
-        """Units this rank yields this epoch (``drop_last``: whole batches only)."""
-        n = self.span[1] - self.span[0]
-        return n // self.batch_size * self.batch_size if self.drop_last else n
-
-    @property
-    def num_batches(self) -> int:
-        return -(-self.rank_units // self.batch_size)
+        a, b = rank_span(self.units, self.rank, self.world, self.drop_last)
+        n = (b - a) // self.batch_size * self.batch_size if self.drop_last else b - a
+        for name, value in (("span", (a, b)), ("rank_units", n), ("num_batches", -(-n // self.batch_size)),
+                            ("num_windows", -(-n // self.window))):
+            object.__setattr__(self, name, value)
 
     # --- order ----------------------------------------------------------------------------------
     def batch(self, b: int) -> np.ndarray:
@@ -120,8 +115,8 @@ class EpochPlan:
             if self.shuffle:
                 q = Permutation(stop - start, self.seed, self.epoch, self.rank, w, _WINDOWS)(q)
             units = self.units_at(self.span[0] + start + q)
-            if len(self._windows) >= 2:
-                self._windows.pop(next(iter(self._windows)))
+            for old in [k for k in self._windows if isinstance(k, int) and k < w - 1]:
+                del self._windows[old]  # keep this window and the one before
             self._windows[w] = units
         return units
 
@@ -130,7 +125,9 @@ class EpochPlan:
         if not self.shuffle:
             return positions
         nb = -(-self.units // self.block)
-        order = Permutation(nb, self.seed, self.epoch, _BLOCKS).array()  # block ids in epoch order
+        order = self._windows.get("blocks")
+        if order is None:  # block ids in epoch order, once per epoch
+            order = self._windows["blocks"] = Permutation(nb, self.seed, self.epoch, _BLOCKS).array()
         tail = self.units - (nb - 1) * self.block  # size of the last block id, nb - 1
         if tail == self.block:
             i, off = np.divmod(positions, self.block)

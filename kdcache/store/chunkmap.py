@@ -6,8 +6,10 @@ reserved for the whole array and each chunk file is mapped at its slot (``mmap``
 ``MAP_FIXED``), so ``view[rows // chunk_rows, rows % chunk_rows]`` gathers any rows in one call,
 straight from the page cache, with no file descriptor kept per chunk.
 
-Slots start page-aligned; a slot not mapped yet reads as zeros (the reservation is anonymous
-memory that costs nothing until written), never as a crash. Chunks that are not plain files (an
+Slots start page-aligned and are a whole number of rows long, so the reservation is also one plain
+2-D array of rows and a batch is a single ``np.take`` (numpy's fastest gather). A slot not mapped yet
+reads as zeros (the reservation is anonymous memory that costs nothing until written), never as a
+crash. Chunks that are not plain files (an
 object store, a compressed array, a missing chunk that means its fill value) are copied into
 anonymous memory at their slot instead.
 
@@ -18,6 +20,7 @@ array per chunk and gathers chunk by chunk: slower, same results.
 from __future__ import annotations
 
 import ctypes
+import math
 import mmap
 import os
 import sys
@@ -28,6 +31,7 @@ import numpy as np
 PAGE = mmap.PAGESIZE
 _MAP_FIXED = 0x10  # the same on Linux and macOS
 _MAP_NORESERVE = 0x4000 if sys.platform.startswith("linux") else 0
+_MAX_SLOT_UNIT = 64 << 20  # rounding slots to whole rows costs address space, not memory: up to this
 
 
 def _libc():
@@ -71,18 +75,21 @@ class MappedChunks:
     def __init__(self, num_chunks: int, chunk_shape: tuple[int, ...], dtype: np.dtype) -> None:
         self.num_chunks, self.chunk_shape, self.dtype = num_chunks, tuple(chunk_shape), np.dtype(dtype)
         self.chunk_bytes = int(np.prod(chunk_shape, dtype=np.int64)) * self.dtype.itemsize
-        self.slot = max(PAGE, -(-self.chunk_bytes // PAGE) * PAGE)
+        row = max(self.chunk_bytes // max(chunk_shape[0], 1), 1)
+        unit = PAGE * row // math.gcd(PAGE, row)  # a slot is whole pages and whole rows
+        if unit > _MAX_SLOT_UNIT:  # an odd row size: page-aligned slots, rows strided by chunk
+            unit = PAGE
+        self.slot = max(unit, -(-self.chunk_bytes // unit) * unit)
         total = self.slot * max(num_chunks, 1)
         self._base = _mmap(None, total, mmap.PROT_READ, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE)
         self._finalizer = weakref.finalize(self, _LIBC.munmap, self._base, total)
-        raw = np.asarray(_Region(self, self._base, total))
-        row = self.chunk_bytes // max(chunk_shape[0], 1)
+        raw = np.asarray(_Region(self, self._base, total)).view(self.dtype)  # whole pages: any itemsize divides
+        self.slot_rows = self.slot // row if self.slot % row == 0 else None
+        # (slots x rows of a slot) as one array: row r of chunk c is row c * slot_rows + r
+        self.rows = raw.reshape(num_chunks * self.slot_rows, *chunk_shape[1:]) if self.slot_rows else None
         self.view = np.lib.stride_tricks.as_strided(
-            raw.view(self.dtype),  # total is whole pages: a multiple of any itemsize
-            shape=(num_chunks, *chunk_shape),
-            strides=(self.slot, row, *_inner_strides(chunk_shape[1:], self.dtype)),
-            writeable=False,
-        )
+            raw, shape=(num_chunks, *chunk_shape),
+            strides=(self.slot, row, *_inner_strides(chunk_shape[1:], self.dtype)), writeable=False)
 
     def map_file(self, chunk: int, fd: int) -> None:
         """Map an open chunk file (exactly ``chunk_bytes`` long) at its slot; ``fd`` may be closed after."""
@@ -101,14 +108,20 @@ class MappedChunks:
         _mmap(self._base + chunk * self.slot, self.slot, mmap.PROT_READ,
               mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_FIXED | _MAP_NORESERVE)
 
-    def take(self, chunks: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-        """Rows ``offsets`` of chunks ``chunks`` (pairwise), in one gather."""
-        return self.view[chunks, offsets]
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        """Storage rows ``rows`` (any order), in one gather."""
+        if self.rows is None:
+            return self.view[np.divmod(rows, self.chunk_shape[0])]
+        if self.slot_rows != self.chunk_shape[0]:
+            chunks, offsets = np.divmod(rows, self.chunk_shape[0])
+            rows = chunks * self.slot_rows + offsets
+        return self.rows.take(rows, axis=0)
 
-    def willneed(self, chunk: int) -> None:
-        """Ask the kernel to read a mapped chunk ahead (a cold page cache)."""
+    def willneed(self, chunk: int, count: int = 1) -> None:
+        """Ask the kernel to read ``count`` mapped chunks from ``chunk`` on ahead (a cold page cache)."""
         if hasattr(mmap, "MADV_WILLNEED") and self.chunk_bytes:
-            _LIBC.madvise(ctypes.c_void_p(self._base + chunk * self.slot), ctypes.c_size_t(self.chunk_bytes),
+            _LIBC.madvise(ctypes.c_void_p(self._base + chunk * self.slot),
+                          ctypes.c_size_t((count - 1) * self.slot + self.chunk_bytes),
                           mmap.MADV_WILLNEED)  # advice only: its result does not matter
 
 
@@ -130,14 +143,15 @@ class SlotChunks:
     def drop(self, chunk: int) -> None:
         self._slots.pop(chunk, None)
 
-    def take(self, chunks: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        chunks, offsets = np.divmod(rows, self.chunk_shape[0])
         out = np.empty((len(chunks), *self.chunk_shape[1:]), dtype=self.dtype)
         for c in np.unique(chunks):
             sel = chunks == c
             out[sel] = self._slots.get(int(c), self._zeros)[offsets[sel]]
         return out
 
-    def willneed(self, chunk: int) -> None:
+    def willneed(self, chunk: int, count: int = 1) -> None:
         pass
 
 

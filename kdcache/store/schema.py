@@ -373,7 +373,7 @@ class Manifest:
     # --- layout -----------------------------------------------------------------------------------
     @property
     def num_chunks(self) -> int:
-        return num_chunks(self.rows, self.chunk_rows)
+        return -(-self.rows // self.chunk_rows)
 
     def chunk_bounds(self, chunk: int) -> tuple[int, int]:
         return chunk_bounds(chunk, self.rows, self.chunk_rows)
