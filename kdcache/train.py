@@ -30,6 +30,7 @@ from kdcache.sources.items import collate_items
 
 def train(cfg: TrainConfig, progress: bool = True, overwrite: bool = False) -> dict[str, Any]:
     t0 = time.perf_counter()
+    refuse_distributed_env()
     _check_out(cfg.out, overwrite)
     device = pick_device(cfg.device)
     data = load_dataset(cfg.data, "--data")
@@ -45,8 +46,9 @@ def train(cfg: TrainConfig, progress: bool = True, overwrite: bool = False) -> d
         else:
             teacher = teacher.to(device)
     source = cache if cache is not None else DatasetRows(len(data))
-    dataset = CacheDataset(source, data, batch_size=cfg.batch_size, seed=cfg.seed,
-                           shuffle_buffer=cfg.shuffle_buffer, targets=() if cfg.online else ("logits",))
+    dataset = CacheDataset(source, data, batch_size=cfg.batch_size, seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer,
+                           rank=0, world=1,  # one process (refuse_distributed_env), never a shard
+                           targets=() if cfg.online else ("logits",))
     loader = make_loader(dataset, num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
 
     torch.manual_seed(cfg.seed)  # the student's initial weights depend on the seed only
@@ -104,6 +106,26 @@ def train(cfg: TrainConfig, progress: bool = True, overwrite: bool = False) -> d
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def refuse_distributed_env() -> None:
+    """Refuse WORLD_SIZE (other than 1) or RANK (other than 0) in the environment.
+
+    The run is one process until DDP training exists: a variable left over by a launcher or a
+    shell profile would otherwise shard the data, or fail deep in the loader far from its cause.
+    """
+    for var, single in (("WORLD_SIZE", 1), ("RANK", 0)):
+        text = os.environ.get(var)
+        if text is None:
+            continue
+        try:
+            value = int(text)
+        except ValueError:
+            raise ConfigError(f"environment variable {var}: expected an integer, got {text!r} instead; "
+                              "unset it, DDP training is not supported yet") from None
+        if value != single:
+            raise ConfigError(f"environment variable {var}={text}: `kdcache train` runs one process; "
+                              "unset it, DDP training is not supported yet")
 
 
 @torch.no_grad()

@@ -1,0 +1,197 @@
+"""`kdcache train` on bad input: one `error:` line naming the flag, file or row, before --out is
+created where the input can be checked up front; and a run directory that only ever holds whole
+files, is locked while a run writes it, and has summary.json only once the run finished."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from kdcache.cli import app
+
+from conftest import run_cli
+
+DATA = "kdcache.datasets:digits_train"  # 1,258 items, 10 classes: 20 batches of 64, the last of 42
+EVAL = "kdcache.datasets:digits_test"  # 539 items
+
+STUDENTS = textwrap.dedent(
+    """
+    import torch
+    from torch import nn
+
+    def wide():
+        return nn.Sequential(nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 12))
+
+    class Flat(nn.Module):
+        '''One score per row, [B], instead of [B, C] logits.'''
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(64, 10)
+
+        def forward(self, x):
+            return self.fc(x).sum(-1)
+
+    class Slice(nn.Module):
+        '''No parameters: the first 10 input features as logits.'''
+        def forward(self, x):
+            return x[:, :10]
+
+    def frozen():
+        return nn.Linear(64, 10).requires_grad_(False)
+
+    def batchnorm():
+        return nn.Sequential(nn.Linear(64, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 10))
+
+    class ConvBN(nn.Module):
+        '''BatchNorm2d over 8x8 maps: 64 values per channel in a row, so one row can train.'''
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn, self.fc = nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Linear(256, 10)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.bn(self.conv(x.view(-1, 1, 8, 8)))).flatten(1))
+
+    class Diverges(nn.Module):
+        '''Finite logits until training step `at`, then +-inf (a NaN loss); finite in eval mode.'''
+        def __init__(self, at):
+            super().__init__()
+            self.fc, self.at, self.steps = nn.Linear(64, 10), at, 0
+
+        def forward(self, x):
+            z = self.fc(x)
+            if self.training:
+                self.steps += 1
+                if self.steps >= self.at:
+                    return z * float("inf")
+            return z
+
+    def diverges_at_8():
+        return Diverges(8)
+
+    def diverges_at_25():
+        return Diverges(25)
+
+    class InfAtEval(nn.Module):
+        '''Trains normally; in eval mode its logits are +-inf, so the eval loss is NaN.'''
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(64, 10)
+
+        def forward(self, x):
+            z = self.fc(x)
+            return z if self.training else z * float("inf")
+    """
+)
+
+DATASETS = textwrap.dedent(
+    """
+    from kdcache.datasets import TensorPairs, digits_test, digits_train
+
+    def _labels_changed(d, changes):
+        y = d.labels.clone()
+        for i, label in changes.items():
+            y[i] = label
+        return TensorPairs(d.inputs, y)
+
+    def eval_label_12_at_3():
+        return _labels_changed(digits_test(), {3: 12})
+
+    def eval_label_12_at_300():
+        return _labels_changed(digits_test(), {300: 12})
+
+    def eval_unlabelled_until_100():
+        return _labels_changed(digits_test(), {i: -1 for i in range(100)})
+
+    def train_label_12_at_5():
+        return _labels_changed(digits_train(), {5: 12})
+
+    def eval_narrow():
+        d = digits_test()
+        return TensorPairs(d.inputs[:, :32], d.labels)
+
+    def eval_images():
+        d = digits_test()
+        return TensorPairs(d.inputs.view(-1, 8, 8), d.labels)
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory) -> Path:
+    """A folder with students.py and datasets.py (the specs below name them)."""
+    root = tmp_path_factory.mktemp("zoo")
+    (root / "students.py").write_text(STUDENTS)
+    (root / "data.py").write_text(DATASETS)
+    return root
+
+
+def invoke(*args, env: dict | None = None):
+    """`kdcache train -q ARGS` in this process, through the real CLI."""
+    return CliRunner().invoke(app, ["train", "-q", "--device", "cpu", *map(str, args)], env=env)
+
+
+def error_line(result, code: int | None = None) -> str:
+    """The one `error:` line of a failed run (and nothing else on stderr, no uncaught exception)."""
+    assert result.exit_code != 0, result.output
+    assert isinstance(result.exception, SystemExit), f"uncaught {result.exception!r}\n{result.output}"
+    if code is not None:
+        assert result.exit_code == code, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0]
+
+
+@pytest.fixture
+def run(tmp_path, zoo, digits_cache, models_file):
+    """`run(student, *flags)`: a cached run into tmp_path/run; `student` is `students.py:NAME` or a spec."""
+    def go(student=None, *flags, env=None):
+        spec = f"{zoo / student}" if student and student.startswith("students.py") else student
+        spec = spec or f"{models_file}:student"
+        args = ["--cache", digits_cache, "--data", DATA, "--out", tmp_path / "run", "--student", spec,
+                "--epochs", "1", *flags]
+        return invoke(*args, env=env)
+    return go
+
+
+def strict_json(text: str):
+    """json.loads that refuses NaN and Infinity (which Python's json would accept)."""
+    def refuse(constant):
+        raise ValueError(f"not strict JSON: {constant}")
+    return json.loads(text, parse_constant=refuse)
+
+
+def metrics(out: Path) -> list[dict]:
+    return [strict_json(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+# --- a single process ---------------------------------------------------------------------------
+@pytest.mark.parametrize("env, named", [
+    ({"WORLD_SIZE": "2"}, "WORLD_SIZE=2"),
+    ({"RANK": "1"}, "RANK=1"),
+    ({"WORLD_SIZE": "two"}, "WORLD_SIZE: expected an integer, got 'two' instead"),
+    ({"WORLD_SIZE": "1", "RANK": ""}, "RANK: expected an integer, got '' instead"),
+])
+def test_a_stray_world_size_or_rank_is_refused_first(run, tmp_path, env, named):
+    result = run(None, "--cache", tmp_path / "no-such-cache", env=env)  # a bad --cache: the env is checked first
+    line = error_line(result, code=2)
+    assert named in line and "unset it, DDP training is not supported yet" in line
+    assert not (tmp_path / "run").exists()
+
+
+def test_world_size_1_and_rank_0_are_one_process(run, tmp_path):
+    result = run(None, env={"WORLD_SIZE": "1", "RANK": "0"})
+    assert result.exit_code == 0, result.output
+    assert [m["rows"] for m in metrics(tmp_path / "run")] == [1258]  # the whole data, not a shard
+
+
+def test_world_size_in_a_real_process(tmp_path, monkeypatch, models_file, digits_cache):
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    r = run_cli("train", "-q", "--cache", digits_cache, "--data", DATA, "--student", f"{models_file}:student",
+                "--out", tmp_path / "run")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.startswith("error: environment variable WORLD_SIZE=4") and len(r.stderr.splitlines()) == 1
+    assert not (tmp_path / "run").exists()
