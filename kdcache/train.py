@@ -53,7 +53,8 @@ def train(cfg: TrainConfig, progress: bool = True, overwrite: bool = False) -> d
 
     torch.manual_seed(cfg.seed)  # the student's initial weights depend on the seed only
     student = load_module(cfg.student, "--student").to(device)
-    optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(_trainable(student, cfg.student), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    _check_student(student, teacher, dataset, cfg, device)
     out = _make_out(cfg.out)  # only now that every input has been checked
 
     metrics_path = out / "metrics.jsonl"
@@ -66,15 +67,12 @@ def train(cfg: TrainConfig, progress: bool = True, overwrite: bool = False) -> d
             task = bar.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=len(dataset))
             student.train()
             epoch_t0, loss_sum, seen = time.perf_counter(), 0.0, 0
-            for batch in loader:
+            for step, batch in enumerate(loader, 1):
+                at = f"in epoch {epoch + 1}, step {step}"
                 x = to_device(batch["input"], device)  # (B, ...)
                 y = batch["label"].to(device, non_blocking=True)  # (B,)
-                if teacher is not None:
-                    with torch.no_grad():
-                        t = extract_logits(call_model(teacher, x), len(y))  # (B, C)
-                else:
-                    t = batch["logits"].to(device, non_blocking=True)  # (B, C)
-                s = extract_logits(call_model(student, x), len(y), "--student")  # (B, C)
+                t = _targets(batch, teacher, x, len(y), device, at)  # (B, C)
+                s = _logits(student, x, len(y), "--student", f"the student's forward pass failed {at}")  # (B, C)
                 loss = kd_loss(s, t, y, temperature=cfg.temperature, alpha=cfg.alpha)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -106,6 +104,62 @@ def train(cfg: TrainConfig, progress: bool = True, overwrite: bool = False) -> d
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _trainable(student: torch.nn.Module, spec: str) -> list[torch.nn.Parameter]:
+    """The student's trainable parameters; none is refused here (AdamW would raise on an empty list)."""
+    params = [p for p in student.parameters() if p.requires_grad]
+    if not params:
+        count = len(list(student.parameters()))
+        why = f"all {count} of its parameters have requires_grad=False" if count else "it has no parameters"
+        raise ConfigError(f"--student {spec}: nothing to train, {why}; expected a model with trainable parameters")
+    return params
+
+
+def _check_student(student: torch.nn.Module, teacher: torch.nn.Module | None, dataset: CacheDataset,
+                   cfg: TrainConfig, device: torch.device) -> None:
+    """Run the first batch through the student before anything is written: its output must be
+    [B, C] logits with the teacher's C (the cache's logits, or the live teacher's output).
+
+    In eval mode and without gradients, so the probe changes no weight, BatchNorm statistic or
+    random state: a run gives the same student with or without it.
+    """
+    batch = dataset.batch(dataset.plan(0).batch(0))
+    rows = len(batch["index"])
+    x = to_device(batch["input"], device)
+    student.eval()
+    with torch.no_grad():
+        t = _targets(batch, teacher, x, rows, device, "on the first batch of --data")
+        s = _logits(student, x, rows, "--student", "the student's forward pass failed on the first batch of --data")
+    if s.shape[1] != t.shape[1]:
+        source = (f"the cache's teacher logits (--cache {cfg.cache})" if teacher is None
+                  else f"the live teacher's output (--teacher {cfg.teacher})")
+        raise ConfigError(f"--student {cfg.student}: expected {t.shape[1]} classes per row, as in {source}, "
+                          f"got {s.shape[1]} classes instead")
+
+
+def _targets(batch: dict[str, Any], teacher: torch.nn.Module | None, x: Any, rows: int, device: torch.device,
+             at: str) -> torch.Tensor:
+    """The teacher's [B, C] logits for a batch: the cached ones, or (online) the live teacher's."""
+    if teacher is None:
+        return batch["logits"].to(device, non_blocking=True)
+    with torch.no_grad():
+        return _logits(teacher, x, rows, "--teacher", f"the teacher's forward pass failed {at}")
+
+
+def _logits(model: torch.nn.Module, x: Any, rows: int, flag: str, failed: str) -> torch.Tensor:
+    """``model(x)`` as [rows, C] logits. An exception of the model's own code is the user's input at
+    fault, not a kdcache bug: it becomes one line, ``flag: failed: Error: message``."""
+    try:
+        output = call_model(model, x)
+    except Exception as e:  # noqa: BLE001 - any exception of the user's model
+        raise ConfigError(f"{flag}: {failed}: {_one_line(e)}") from None
+    return extract_logits(output, rows, flag)
+
+
+def _one_line(e: Exception, limit: int = 400) -> str:
+    text = " ".join(f"{type(e).__name__}: {e}".split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def refuse_distributed_env() -> None:

@@ -43,6 +43,9 @@ STUDENTS = textwrap.dedent(
     def frozen():
         return nn.Linear(64, 10).requires_grad_(False)
 
+    def takes_32():
+        return nn.Linear(32, 10)
+
     def batchnorm():
         return nn.Sequential(nn.Linear(64, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 10))
 
@@ -194,4 +197,45 @@ def test_world_size_in_a_real_process(tmp_path, monkeypatch, models_file, digits
                 "--out", tmp_path / "run")
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert r.stderr.startswith("error: environment variable WORLD_SIZE=4") and len(r.stderr.splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
+# --- the student --------------------------------------------------------------------------------
+def test_a_student_of_another_width_is_refused_before_training(run, tmp_path):
+    line = error_line(run("students.py:wide"), code=2)
+    assert "--student" in line and "12 classes" in line and "10" in line and "--cache" in line
+    assert not (tmp_path / "run").exists()
+
+
+def test_online_a_student_of_another_width_is_refused_against_the_live_teacher(tmp_path, zoo, models_file):
+    result = invoke("--online", "--teacher", f"{models_file}:teacher", "--data", DATA, "--out", tmp_path / "run",
+                    "--student", f"{zoo / 'students.py'}:wide")
+    line = error_line(result, code=2)
+    assert "--student" in line and "12 classes" in line and "--teacher" in line and "10" in line
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_student_whose_output_is_not_batch_by_classes_is_refused(run, tmp_path):
+    line = error_line(run("students.py:Flat"))
+    assert "--student" in line and "shape (64,)" in line and "[64, classes]" in line
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("role", ["student", "teacher"])
+def test_a_model_that_cannot_take_the_data_is_named(tmp_path, zoo, models_file, role):
+    models = {"student": f"{models_file}:student", "teacher": f"{models_file}:teacher"}
+    models[role] = f"{zoo / 'students.py'}:takes_32"
+    result = invoke("--online", "--teacher", models["teacher"], "--student", models["student"], "--data", DATA,
+                    "--out", tmp_path / "run")
+    line = error_line(result, code=2)
+    assert line.startswith(f"error: --{role}: the {role}'s forward pass failed on the first batch of --data: "
+                           "RuntimeError: mat1 and mat2 shapes cannot be multiplied"), line
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("student, why", [("students.py:Slice", "it has no parameters"),
+                                          ("students.py:frozen", "requires_grad=False")])
+def test_a_student_with_nothing_to_train_is_refused(run, tmp_path, student, why):
+    line = error_line(run(student), code=2)
+    assert "--student" in line and why in line
     assert not (tmp_path / "run").exists()
