@@ -162,6 +162,8 @@ def train(
     device: str = DeviceOpt,
     num_workers: int = typer.Option(0, help="DataLoader worker processes."),
     shuffle_buffer: int = typer.Option(65536, help="Rows shuffled together each epoch."),
+    drop_last: bool = typer.Option(False, help="Drop each epoch's last batch when it is partial (a BatchNorm "
+                                   "student cannot train on a batch of one row)."),
     online: bool = typer.Option(False, help="Run --teacher live instead of reading targets (for comparison)."),
     teacher: Optional[str] = typer.Option(None, help="With --online, the live teacher; otherwise checked against the cache's fingerprint."),
     checkpoint: Optional[str] = typer.Option(None, help="State dict for --teacher (weights_only=True)."),

@@ -7,13 +7,16 @@ run share the loader, so with the same seed they see the same batches in the sam
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import DataLoader
 
 import kdcache
@@ -26,6 +29,8 @@ from kdcache.losses import kd_loss
 from kdcache.progress import progress_bar
 from kdcache.sources import freeze, load_dataset, load_module
 from kdcache.sources.items import collate_items
+
+ONE_ROW_BATCHNORM = "Expected more than 1 value per channel when training"  # torch's error
 
 
 def train(cfg: TrainConfig, progress: bool = True, overwrite: bool = False) -> dict[str, Any]:
@@ -47,13 +52,14 @@ def train(cfg: TrainConfig, progress: bool = True, overwrite: bool = False) -> d
             teacher = teacher.to(device)
     source = cache if cache is not None else DatasetRows(len(data))
     dataset = CacheDataset(source, data, batch_size=cfg.batch_size, seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer,
-                           rank=0, world=1,  # one process (refuse_distributed_env), never a shard
+                           drop_last=cfg.drop_last, rank=0, world=1,  # one process (refuse_distributed_env)
                            targets=() if cfg.online else ("logits",))
     loader = make_loader(dataset, num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
 
     torch.manual_seed(cfg.seed)  # the student's initial weights depend on the seed only
     student = load_module(cfg.student, "--student").to(device)
     optimizer = torch.optim.AdamW(_trainable(student, cfg.student), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    _check_batches(dataset, cfg)
     _check_student(student, teacher, dataset, cfg, device)
     out = _make_out(cfg.out)  # only now that every input has been checked
 
@@ -116,10 +122,17 @@ def _trainable(student: torch.nn.Module, spec: str) -> list[torch.nn.Parameter]:
     return params
 
 
+def _check_batches(dataset: CacheDataset, cfg: TrainConfig) -> None:
+    if len(dataset) == 0:
+        raise ConfigError(f"--drop-last: the data has {dataset.units} rows, fewer than --batch-size {cfg.batch_size}, "
+                          "so every batch would be dropped; lower --batch-size or leave out --drop-last")
+
+
 def _check_student(student: torch.nn.Module, teacher: torch.nn.Module | None, dataset: CacheDataset,
                    cfg: TrainConfig, device: torch.device) -> None:
     """Run the first batch through the student before anything is written: its output must be
-    [B, C] logits with the teacher's C (the cache's logits, or the live teacher's output).
+    [B, C] logits with the teacher's C (the cache's logits, or the live teacher's output), and
+    its BatchNorm layers must not meet an epoch's last batch of one row (pass --drop-last).
 
     In eval mode and without gradients, so the probe changes no weight, BatchNorm statistic or
     random state: a run gives the same student with or without it.
@@ -128,7 +141,7 @@ def _check_student(student: torch.nn.Module, teacher: torch.nn.Module | None, da
     rows = len(batch["index"])
     x = to_device(batch["input"], device)
     student.eval()
-    with torch.no_grad():
+    with torch.no_grad(), _batchnorm_inputs(student) as batchnorm_values:
         t = _targets(batch, teacher, x, rows, device, "on the first batch of --data")
         s = _logits(student, x, rows, "--student", "the student's forward pass failed on the first batch of --data")
     if s.shape[1] != t.shape[1]:
@@ -136,6 +149,31 @@ def _check_student(student: torch.nn.Module, teacher: torch.nn.Module | None, da
                   else f"the live teacher's output (--teacher {cfg.teacher})")
         raise ConfigError(f"--student {cfg.student}: expected {t.shape[1]} classes per row, as in {source}, "
                           f"got {s.shape[1]} classes instead")
+    plan = dataset.plan(0)
+    last_rows = plan.rank_units - (plan.num_batches - 1) * plan.batch_size
+    if last_rows == 1 and 1 in batchnorm_values:
+        raise ConfigError(f"--student {cfg.student}: BatchNorm cannot train on a batch of one row, and each epoch's "
+                          f"last batch holds one ({dataset.units} rows, --batch-size {cfg.batch_size}); pass "
+                          "--drop-last to drop it")
+
+
+@contextlib.contextmanager
+def _batchnorm_inputs(model: torch.nn.Module):
+    """While a forward runs, collect how many values per channel each BatchNorm layer's input has
+    in one row (the product of its spatial sizes). Where that is 1, the layer cannot train on a
+    batch of one row. TorchScript hides its layers: nothing is collected there, and the loop
+    reports torch's own error instead."""
+    values: list[int] = []
+
+    def record(module: torch.nn.Module, inputs: tuple) -> None:
+        values.append(math.prod(inputs[0].shape[2:]))
+
+    hooks = [m.register_forward_pre_hook(record) for m in model.modules() if isinstance(m, _BatchNorm)]
+    try:
+        yield values
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 def _targets(batch: dict[str, Any], teacher: torch.nn.Module | None, x: Any, rows: int, device: torch.device,
@@ -153,6 +191,9 @@ def _logits(model: torch.nn.Module, x: Any, rows: int, flag: str, failed: str) -
     try:
         output = call_model(model, x)
     except Exception as e:  # noqa: BLE001 - any exception of the user's model
+        if ONE_ROW_BATCHNORM in str(e):
+            raise ConfigError(f"{flag}: {failed}: BatchNorm cannot train on a batch of one row; pass --drop-last "
+                              "to drop each epoch's last partial batch") from None
         raise ConfigError(f"{flag}: {failed}: {_one_line(e)}") from None
     return extract_logits(output, rows, flag)
 

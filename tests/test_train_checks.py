@@ -9,6 +9,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from kdcache.cli import app
@@ -238,4 +239,57 @@ def test_a_model_that_cannot_take_the_data_is_named(tmp_path, zoo, models_file, 
 def test_a_student_with_nothing_to_train_is_refused(run, tmp_path, student, why):
     line = error_line(run(student), code=2)
     assert "--student" in line and why in line
+    assert not (tmp_path / "run").exists()
+
+
+# --- BatchNorm and a last batch of one row (1,258 rows = 3 x 419 + 1) -------------------------------
+def test_batchnorm_with_a_last_batch_of_one_row_is_refused_before_training(run, tmp_path):
+    line = error_line(run("students.py:batchnorm", "--batch-size", "419"), code=2)
+    assert "--student" in line and "BatchNorm" in line and "one row" in line and "--drop-last" in line
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("how", ["flag", "config"])
+def test_drop_last_drops_the_one_row_batch(run, tmp_path, how):
+    config = tmp_path / "run.toml"
+    config.write_text("[train]\nbatch-size = 419\ndrop-last = true\n")
+    flags = ["--batch-size", "419", "--drop-last"] if how == "flag" else ["--config", config]
+    result = run("students.py:batchnorm", *flags)
+    assert result.exit_code == 0, result.output
+    assert [m["rows"] for m in metrics(tmp_path / "run")] == [1257]
+    assert strict_json((tmp_path / "run" / "summary.json").read_text())["config"]["drop_last"] is True
+
+
+def test_drop_last_with_fewer_rows_than_a_batch_is_refused(run, tmp_path):
+    line = error_line(run(None, "--batch-size", "2000", "--drop-last"), code=2)
+    assert "--drop-last" in line and "1258 rows, fewer than --batch-size 2000" in line
+    assert not (tmp_path / "run").exists()
+
+
+def test_batchnorm_over_feature_maps_trains_on_one_row(run, tmp_path):
+    result = run("students.py:ConvBN", "--batch-size", "419")  # 64 values per channel: no refusal
+    assert result.exit_code == 0, result.output
+    assert [m["rows"] for m in metrics(tmp_path / "run")] == [1258]
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+def test_batchnorm_in_torchscript_is_caught_at_the_step(run, tmp_path, zoo):
+    """A TorchScript student hides its layers: the forward's own error is turned into one line."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("zoo_students", zoo / "students.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    path = tmp_path / "bn.pt"
+    torch.jit.script(module.batchnorm()).save(str(path))
+    line = error_line(run(f"torchscript:{path}", "--batch-size", "419"), code=2)
+    assert "--student" in line and "epoch 1, step 4" in line and "one row" in line and "--drop-last" in line
+    assert not (tmp_path / "run" / "summary.json").exists()
+
+
+def test_batchnorm_refusal_in_a_real_process(tmp_path, zoo, digits_cache):
+    r = run_cli("train", "-q", "--cache", digits_cache, "--data", DATA, "--student", f"{zoo / 'students.py'}:batchnorm",
+                "--out", tmp_path / "run", "--batch-size", "419", "--device", "cpu")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert len(r.stderr.splitlines()) == 1 and "--drop-last" in r.stderr
     assert not (tmp_path / "run").exists()
