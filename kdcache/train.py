@@ -17,7 +17,6 @@ from typing import Any
 
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
-from torch.utils.data import DataLoader
 
 import kdcache
 from kdcache.capture.outputs import call_model, extract_logits, to_device
@@ -28,7 +27,7 @@ from kdcache.loader import CacheDataset, DatasetRows, make_loader
 from kdcache.losses import kd_loss
 from kdcache.progress import progress_bar
 from kdcache.sources import freeze, load_dataset, load_module
-from kdcache.sources.items import collate_items
+from kdcache.sources.items import NO_LABEL, collate_items, split_item
 
 ONE_ROW_BATCHNORM = "Expected more than 1 value per channel when training"  # torch's error
 
@@ -38,8 +37,8 @@ def train(cfg: TrainConfig, progress: bool = True, overwrite: bool = False) -> d
     refuse_distributed_env()
     _check_out(cfg.out, overwrite)
     device = pick_device(cfg.device)
-    data = load_dataset(cfg.data, "--data")
-    eval_data = load_dataset(cfg.eval_data, "--eval-data") if cfg.eval_data else None
+    data = _load_data(cfg.data, "--data")
+    eval_data = _load_data(cfg.eval_data, "--eval-data") if cfg.eval_data else None
 
     cache = kdcache.open(cfg.cache) if cfg.cache else None
     teacher = None
@@ -60,7 +59,9 @@ def train(cfg: TrainConfig, progress: bool = True, overwrite: bool = False) -> d
     student = load_module(cfg.student, "--student").to(device)
     optimizer = torch.optim.AdamW(_trainable(student, cfg.student), lr=cfg.lr, weight_decay=cfg.weight_decay)
     _check_batches(dataset, cfg)
-    _check_student(student, teacher, dataset, cfg, device)
+    classes = _check_student(student, teacher, dataset, cfg, device)
+    if eval_data is not None:
+        _check_eval_data(student, eval_data, cfg, device)
     out = _make_out(cfg.out)  # only now that every input has been checked
 
     metrics_path = out / "metrics.jsonl"
@@ -75,6 +76,8 @@ def train(cfg: TrainConfig, progress: bool = True, overwrite: bool = False) -> d
             epoch_t0, loss_sum, seen = time.perf_counter(), 0.0, 0
             for step, batch in enumerate(loader, 1):
                 at = f"in epoch {epoch + 1}, step {step}"
+                if cfg.alpha < 1:  # the hard term reads the labels
+                    _check_labels(batch["label"], batch["index"], classes, "--data")
                 x = to_device(batch["input"], device)  # (B, ...)
                 y = batch["label"].to(device, non_blocking=True)  # (B,)
                 t = _targets(batch, teacher, x, len(y), device, at)  # (B, C)
@@ -112,6 +115,14 @@ def train(cfg: TrainConfig, progress: bool = True, overwrite: bool = False) -> d
     return summary
 
 
+def _load_data(spec: str, flag: str) -> Any:
+    """The dataset ``spec`` names; an empty one is refused here (nothing to train or evaluate on)."""
+    data = load_dataset(spec, flag)
+    if len(data) == 0:
+        raise DataError(f"{flag}: {spec!r} is empty; expected a dataset with at least one item")
+    return data
+
+
 def _trainable(student: torch.nn.Module, spec: str) -> list[torch.nn.Parameter]:
     """The student's trainable parameters; none is refused here (AdamW would raise on an empty list)."""
     params = [p for p in student.parameters() if p.requires_grad]
@@ -129,10 +140,12 @@ def _check_batches(dataset: CacheDataset, cfg: TrainConfig) -> None:
 
 
 def _check_student(student: torch.nn.Module, teacher: torch.nn.Module | None, dataset: CacheDataset,
-                   cfg: TrainConfig, device: torch.device) -> None:
-    """Run the first batch through the student before anything is written: its output must be
-    [B, C] logits with the teacher's C (the cache's logits, or the live teacher's output), and
-    its BatchNorm layers must not meet an epoch's last batch of one row (pass --drop-last).
+                   cfg: TrainConfig, device: torch.device) -> int:
+    """Run the first batch through the student before anything is written, and return its classes.
+
+    Its output must be [B, C] logits with the teacher's C (the cache's logits, or the live
+    teacher's output), the batch's labels classes it has (when the loss reads them), and its
+    BatchNorm layers must not meet an epoch's last batch of one row (pass --drop-last).
 
     In eval mode and without gradients, so the probe changes no weight, BatchNorm statistic or
     random state: a run gives the same student with or without it.
@@ -149,12 +162,43 @@ def _check_student(student: torch.nn.Module, teacher: torch.nn.Module | None, da
                   else f"the live teacher's output (--teacher {cfg.teacher})")
         raise ConfigError(f"--student {cfg.student}: expected {t.shape[1]} classes per row, as in {source}, "
                           f"got {s.shape[1]} classes instead")
+    if cfg.alpha < 1:
+        _check_labels(batch["label"], batch["index"], s.shape[1], "--data")
     plan = dataset.plan(0)
     last_rows = plan.rank_units - (plan.num_batches - 1) * plan.batch_size
     if last_rows == 1 and 1 in batchnorm_values:
         raise ConfigError(f"--student {cfg.student}: BatchNorm cannot train on a batch of one row, and each epoch's "
                           f"last batch holds one ({dataset.units} rows, --batch-size {cfg.batch_size}); pass "
                           "--drop-last to drop it")
+    return s.shape[1]
+
+
+def _check_eval_data(student: torch.nn.Module, data, cfg: TrainConfig, device: torch.device) -> None:
+    """Run the first batch of --eval-data through the student before anything is written: its
+    items must batch, the student must take them, their labels must be classes it has. And some
+    item must have a label: items are read on until one has (all of them only when none has)."""
+    indices = list(range(min(cfg.batch_size, len(data))))
+    student.eval()
+    with torch.no_grad():
+        _, labels = _eval_batch(student, data, indices, device)
+    if (labels == NO_LABEL).all() and not _any_label(data, len(indices)):
+        raise DataError(f"--eval-data {cfg.eval_data}: none of its {len(data)} items has a label; "
+                        "evaluation needs labelled items")
+
+
+def _any_label(data, start: int) -> bool:
+    return any(split_item(_read_item(data, i, "--eval-data"), i, "--eval-data")[1] != NO_LABEL
+               for i in range(start, len(data)))
+
+
+def _check_labels(labels: torch.Tensor, items, classes: int, flag: str) -> None:
+    """Refuse a label the student has no class for. Checked on the host, where the labels are: on
+    a GPU, cross-entropy would stop the process with a device-side assert instead."""
+    bad = (labels >= classes) | (labels < NO_LABEL)
+    if bad.any():
+        i = int(bad.nonzero()[0, 0])
+        raise ConfigError(f"{flag}: item {int(items[i])} has label {int(labels[i])}; expected a class in "
+                          f"0..{classes - 1} (the student's outputs), or -1 for none")
 
 
 @contextlib.contextmanager
@@ -225,26 +269,43 @@ def refuse_distributed_env() -> None:
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, data, device: torch.device, batch_size: int = 256) -> dict[str, float]:
-    """Accuracy and cross-entropy over the labelled items of ``data``."""
+    """Accuracy and cross-entropy over the labelled items of ``data`` (--eval-data).
+
+    Summed on the device and read once at the end: a host sync per batch would stall a GPU.
+    """
     model.eval()
-    loader = DataLoader(range(len(data)), batch_size=batch_size, collate_fn=lambda ix: _collate_items(data, ix))
-    correct = total = 0
-    ce = 0.0
-    for x, y in loader:
-        logits = extract_logits(call_model(model, to_device(x, device)), len(y), "--student").float()
-        y = y.to(device)
-        keep = y >= 0
-        correct += (logits.argmax(-1)[keep] == y[keep]).sum().item()
-        ce += torch.nn.functional.cross_entropy(logits[keep], y[keep], reduction="sum").item()
-        total += keep.sum().item()
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    ce = torch.zeros((), dtype=torch.float64, device=device)
+    total = 0
+    for start in range(0, len(data), batch_size):
+        logits, labels = _eval_batch(model, data, list(range(start, min(start + batch_size, len(data)))), device)
+        total += int((labels != NO_LABEL).sum())  # on the host, where the labels are
+        y = labels.to(device, non_blocking=True)
+        correct += (logits.argmax(-1) == y).sum()  # an unlabelled row (-1) never matches
+        ce += torch.nn.functional.cross_entropy(logits, y, ignore_index=NO_LABEL, reduction="sum")
     model.train()
     if total == 0:
         raise DataError("--eval-data: no item has a label; evaluation needs labels")
-    return {"eval_accuracy": correct / total, "eval_loss": ce / total}
+    return {"eval_accuracy": correct.item() / total, "eval_loss": ce.item() / total}
 
 
-def _collate_items(data, indices):
-    return collate_items([data[i] for i in indices], list(indices), "--eval-data")
+def _eval_batch(model: torch.nn.Module, data, indices: list[int],
+                device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Items ``indices`` of --eval-data through the model: float [B, C] logits on the device, and
+    the labels on the host, checked against C."""
+    items = [_read_item(data, i, "--eval-data") for i in indices]
+    x, labels = collate_items(items, indices, "--eval-data")
+    logits = _logits(model, to_device(x, device), len(indices), "--eval-data",
+                     f"the student's forward pass failed on items {indices[0]}..{indices[-1]}")
+    _check_labels(labels, indices, logits.shape[1], "--eval-data")
+    return logits.float(), labels
+
+
+def _read_item(data, i: int, flag: str) -> Any:
+    try:
+        return data[i]
+    except Exception as e:  # noqa: BLE001 - the user's dataset
+        raise DataError(f"{flag}: reading item {i} failed: {_one_line(e)}") from None
 
 
 def _fingerprints(cache) -> dict[str, Any] | None:

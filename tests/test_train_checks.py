@@ -120,6 +120,16 @@ DATASETS = textwrap.dedent(
     def eval_images():
         d = digits_test()
         return TensorPairs(d.inputs.view(-1, 8, 8), d.labels)
+
+    class Broken(TensorPairs):
+        def __getitem__(self, i):
+            if i == 10:
+                raise KeyError(f"no item {i} in the index")
+            return super().__getitem__(i)
+
+    def eval_broken_at_10():
+        d = digits_test()
+        return Broken(d.inputs, d.labels)
     """
 )
 
@@ -293,3 +303,42 @@ def test_batchnorm_refusal_in_a_real_process(tmp_path, zoo, digits_cache):
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert len(r.stderr.splitlines()) == 1 and "--drop-last" in r.stderr
     assert not (tmp_path / "run").exists()
+
+
+# --- labels and --eval-data -----------------------------------------------------------------------
+@pytest.mark.parametrize("batch_size", ["1258", "64"])  # in the first batch (checked up front), or in a later one
+def test_a_training_label_beyond_the_students_classes_names_the_item(tmp_path, zoo, models_file, batch_size):
+    data = f"{zoo / 'data.py'}:train_label_12_at_5"
+    result = invoke("--online", "--teacher", f"{models_file}:teacher", "--data", data, "--out", tmp_path / "run",
+                    "--student", f"{models_file}:student", "--batch-size", batch_size)
+    line = error_line(result, code=2)
+    assert "--data" in line and "item 5 has label 12" in line and "0..9" in line
+    assert not (tmp_path / "run" / "summary.json").exists()
+
+
+@pytest.mark.parametrize("eval_spec, expected", [
+    ("data.py:eval_label_12_at_3", ("item 3 has label 12", "0..9")),
+    ("data.py:eval_narrow", ("items 0..63", "RuntimeError")),
+    ("data.py:eval_images", ("items 0..63", "RuntimeError")),
+    ("data.py:eval_broken_at_10", ("reading item 10 failed: KeyError",)),
+    ("EMPTY", ("is empty",)),
+    ("UNLABELLED", ("none of its 1258 items has a label",)),
+])
+def test_eval_data_the_student_cannot_use_is_refused_before_training(run, tmp_path, zoo, datasets_file,
+                                                                     eval_spec, expected):
+    spec = {"EMPTY": f"{datasets_file}:empty", "UNLABELLED": f"{datasets_file}:unlabelled"}.get(eval_spec)
+    line = error_line(run(None, "--eval-data", spec or f"{zoo / eval_spec}"))
+    assert line.startswith("error: --eval-data") and all(text in line for text in expected), line
+    assert not (tmp_path / "run").exists()
+
+
+def test_eval_labels_beyond_the_first_batch_are_checked_too(run, tmp_path, zoo):
+    line = error_line(run(None, "--eval-data", f"{zoo / 'data.py'}:eval_label_12_at_300"), code=2)
+    assert "--eval-data" in line and "item 300 has label 12" in line
+    assert not (tmp_path / "run" / "summary.json").exists()
+
+
+def test_eval_data_labelled_only_after_its_first_batch_is_fine(run, tmp_path, zoo):
+    result = run(None, "--eval-data", f"{zoo / 'data.py'}:eval_unlabelled_until_100")
+    assert result.exit_code == 0, result.output
+    assert 0 <= metrics(tmp_path / "run")[0]["eval_accuracy"] <= 1
