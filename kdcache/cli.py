@@ -164,6 +164,8 @@ def train(
     shuffle_buffer: int = typer.Option(65536, help="Rows shuffled together each epoch."),
     drop_last: bool = typer.Option(False, help="Drop each epoch's last batch when it is partial (a BatchNorm "
                                    "student cannot train on a batch of one row)."),
+    log_every: int = typer.Option(50, help="Steps between reads of the training loss: a NaN or inf stops the run, "
+                                  "naming the steps; the progress bar shows the mean. Each read waits for the device."),
     online: bool = typer.Option(False, help="Run --teacher live instead of reading targets (for comparison)."),
     teacher: Optional[str] = typer.Option(None, help="With --online, the live teacher; otherwise checked against the cache's fingerprint."),
     checkpoint: Optional[str] = typer.Option(None, help="State dict for --teacher (weights_only=True)."),

@@ -21,7 +21,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 import kdcache
 from kdcache.capture.outputs import call_model, extract_logits, to_device
 from kdcache.config import TrainConfig, pick_device
-from kdcache.errors import ConfigError, DataError
+from kdcache.errors import ConfigError, DataError, KDCacheError
 from kdcache.fingerprint import teacher_fingerprint
 from kdcache.loader import CacheDataset, DatasetRows, make_loader
 from kdcache.losses import kd_loss
@@ -30,6 +30,10 @@ from kdcache.sources import freeze, load_dataset, load_module
 from kdcache.sources.items import NO_LABEL, collate_items, split_item
 
 ONE_ROW_BATCHNORM = "Expected more than 1 value per channel when training"  # torch's error
+
+
+class NonFiniteLossError(KDCacheError):
+    """The training loss became NaN or infinite: the run diverged."""
 
 
 def train(cfg: TrainConfig, progress: bool = True, overwrite: bool = False) -> dict[str, Any]:
@@ -69,33 +73,15 @@ def train(cfg: TrainConfig, progress: bool = True, overwrite: bool = False) -> d
     history = []
     bar = progress_bar("batches", progress)
     with bar:
-        for epoch in range(cfg.epochs):
-            dataset.set_epoch(epoch)
-            task = bar.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=len(dataset))
-            student.train()
-            epoch_t0, loss_sum, seen = time.perf_counter(), 0.0, 0
-            for step, batch in enumerate(loader, 1):
-                at = f"in epoch {epoch + 1}, step {step}"
-                if cfg.alpha < 1:  # the hard term reads the labels
-                    _check_labels(batch["label"], batch["index"], classes, "--data")
-                x = to_device(batch["input"], device)  # (B, ...)
-                y = batch["label"].to(device, non_blocking=True)  # (B,)
-                t = _targets(batch, teacher, x, len(y), device, at)  # (B, C)
-                s = _logits(student, x, len(y), "--student", f"the student's forward pass failed {at}")  # (B, C)
-                loss = kd_loss(s, t, y, temperature=cfg.temperature, alpha=cfg.alpha)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                loss_sum += loss.item() * len(y)
-                seen += len(y)
-                bar.advance(task)
-            record = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1), "rows": seen,
-                      "seconds": round(time.perf_counter() - epoch_t0, 4)}
+        for epoch in range(1, cfg.epochs + 1):
+            dataset.set_epoch(epoch - 1)
+            task = bar.add_task(_progress_text(epoch, cfg), total=len(dataset))
+            record = _train_epoch(epoch, student, teacher, optimizer, loader, classes, cfg, device, bar, task)
             if eval_data is not None:
                 record.update(evaluate(student, eval_data, device, cfg.batch_size))
-            history.append(record)
+            history.append(_json_safe(record))
             with metrics_path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(json.dumps(history[-1], allow_nan=False) + "\n")
 
     _atomic_save(student.state_dict(), out / "student.pt")
     summary = {
@@ -111,8 +97,62 @@ def train(cfg: TrainConfig, progress: bool = True, overwrite: bool = False) -> d
         "config": cfg.to_dict(),
         "versions": {"kdcache": kdcache.__version__, "torch": torch.__version__},
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
     return summary
+
+
+def _train_epoch(epoch: int, student: torch.nn.Module, teacher: torch.nn.Module | None, optimizer, loader,
+                 classes: int, cfg: TrainConfig, device: torch.device, bar, task) -> dict[str, Any]:
+    """One epoch: batch → student forward → loss → step → log. The loss is summed on the device
+    and read (the loop's only host sync) every --log-every steps and at the end of the epoch."""
+    student.train()
+    t0 = time.perf_counter()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # Σ loss × rows
+    rows = checked = step = 0
+    for step, batch in enumerate(loader, 1):
+        at = f"in epoch {epoch}, step {step}"
+        if cfg.alpha < 1:  # the hard term reads the labels
+            _check_labels(batch["label"], batch["index"], classes, "--data")
+        x = to_device(batch["input"], device)  # (B, ...)
+        y = batch["label"].to(device, non_blocking=True)  # (B,)
+        t = _targets(batch, teacher, x, len(y), device, at)  # (B, C)
+        s = _logits(student, x, len(y), "--student", f"the student's forward pass failed {at}")  # (B, C)
+        loss = kd_loss(s, t, y, temperature=cfg.temperature, alpha=cfg.alpha)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_sum += loss.detach() * len(y)
+        rows += len(y)
+        if step % cfg.log_every == 0:
+            mean = _mean_loss(loss_sum, rows, epoch, checked + 1, step, cfg)
+            bar.update(task, description=_progress_text(epoch, cfg, mean))
+            checked = step
+        bar.advance(task)
+    mean = _mean_loss(loss_sum, rows, epoch, checked + 1, step, cfg)
+    bar.update(task, description=_progress_text(epoch, cfg, mean))
+    return {"epoch": epoch, "train_loss": mean, "rows": rows, "seconds": round(time.perf_counter() - t0, 4)}
+
+
+def _mean_loss(loss_sum: torch.Tensor, rows: int, epoch: int, first: int, last: int, cfg: TrainConfig) -> float:
+    """The epoch's mean training loss so far (a host sync). A NaN or inf stops the run, naming the
+    steps since the previous read: the first interval where it happened."""
+    mean = loss_sum.item() / rows
+    if not math.isfinite(mean):
+        raise NonFiniteLossError(
+            f"the training loss became {'NaN' if math.isnan(mean) else 'infinite'} in epoch {epoch}, steps "
+            f"{first}..{last} (read every {cfg.log_every} steps, --log-every): try a lower --lr than {cfg.lr:g}, "
+            "and look for NaN or inf in --data")
+    return mean
+
+
+def _progress_text(epoch: int, cfg: TrainConfig, mean_loss: float | None = None) -> str:
+    loss = "" if mean_loss is None else f" loss {mean_loss:.4f}"
+    return f"epoch {epoch}/{cfg.epochs}{loss}"
+
+
+def _json_safe(record: dict[str, Any]) -> dict[str, Any]:
+    """``record`` with NaN and inf as None: metrics.jsonl and summary.json are strict JSON (null)."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
 
 
 def _load_data(spec: str, flag: str) -> Any:

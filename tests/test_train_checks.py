@@ -342,3 +342,34 @@ def test_eval_data_labelled_only_after_its_first_batch_is_fine(run, tmp_path, zo
     result = run(None, "--eval-data", f"{zoo / 'data.py'}:eval_unlabelled_until_100")
     assert result.exit_code == 0, result.output
     assert 0 <= metrics(tmp_path / "run")[0]["eval_accuracy"] <= 1
+
+
+# --- a diverging run --------------------------------------------------------------------------
+def test_a_nan_loss_stops_the_run_naming_the_first_interval(run, tmp_path):
+    line = error_line(run("students.py:diverges_at_8", "--log-every", "5"))
+    assert "epoch 1" in line and "steps 6..10" in line and "--lr" in line
+    assert not (tmp_path / "run" / "summary.json").exists() and not (tmp_path / "run" / "student.pt").exists()
+
+
+def test_a_nan_loss_is_caught_at_the_end_of_an_epoch_shorter_than_the_interval(run, tmp_path):
+    line = error_line(run("students.py:diverges_at_8", "--epochs", "2"))  # 20 steps an epoch, --log-every 50
+    assert "epoch 1" in line and "steps 1..20" in line
+
+
+def test_a_diverging_lr_in_a_real_process(tmp_path, models_file, digits_cache):
+    out = tmp_path / "run"
+    r = run_cli("train", "-q", "--cache", digits_cache, "--data", DATA, "--student", f"{models_file}:student",
+                "--out", out, "--lr", "1e30", "--device", "cpu")
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+    assert len(r.stderr.splitlines()) == 1 and "epoch 1" in r.stderr and "lower --lr" in r.stderr
+    assert not (out / "summary.json").exists()
+
+
+def test_metrics_and_summary_are_strict_json(run, tmp_path):
+    """A NaN eval loss (the student's eval-mode logits are inf) is written as null, not NaN."""
+    result = run("students.py:InfAtEval", "--eval-data", EVAL, "--epochs", "2")
+    assert result.exit_code == 0, result.output
+    lines = metrics(tmp_path / "run")
+    assert [m["eval_loss"] for m in lines] == [None, None] and all(m["train_loss"] > 0 for m in lines)
+    summary = strict_json((tmp_path / "run" / "summary.json").read_text())
+    assert summary["final"]["eval_loss"] is None and summary["final"] == lines[-1]
