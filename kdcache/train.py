@@ -8,6 +8,7 @@ run share the loader, so with the same seed they see the same batches in the sam
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import math
 import os
@@ -28,6 +29,8 @@ from kdcache.losses import kd_loss
 from kdcache.progress import progress_bar
 from kdcache.sources import freeze, load_dataset, load_module
 from kdcache.sources.items import NO_LABEL, collate_items, split_item
+from kdcache.store.fs import Location
+from kdcache.store.lock import Lock
 
 ONE_ROW_BATCHNORM = "Expected more than 1 value per channel when training"  # torch's error
 
@@ -66,38 +69,32 @@ def train(cfg: TrainConfig, progress: bool = True, overwrite: bool = False) -> d
     classes = _check_student(student, teacher, dataset, cfg, device)
     if eval_data is not None:
         _check_eval_data(student, eval_data, cfg, device)
-    out = _make_out(cfg.out)  # only now that every input has been checked
-
-    metrics_path = out / "metrics.jsonl"
-    metrics_path.write_text("")
-    history = []
-    bar = progress_bar("batches", progress)
-    with bar:
-        for epoch in range(1, cfg.epochs + 1):
-            dataset.set_epoch(epoch - 1)
-            task = bar.add_task(_progress_text(epoch, cfg), total=len(dataset))
-            record = _train_epoch(epoch, student, teacher, optimizer, loader, classes, cfg, device, bar, task)
-            if eval_data is not None:
-                record.update(evaluate(student, eval_data, device, cfg.batch_size))
-            history.append(_json_safe(record))
-            with metrics_path.open("a") as f:
-                f.write(json.dumps(history[-1], allow_nan=False) + "\n")
-
-    _atomic_save(student.state_dict(), out / "student.pt")
-    summary = {
-        "epochs": cfg.epochs,
-        "seconds": round(time.perf_counter() - t0, 3),
-        "final": history[-1],
-        "eval_accuracy": history[-1].get("eval_accuracy"),
-        "mode": "online" if cfg.online else "cached",
-        "cache": cfg.cache,
-        "fingerprints": _fingerprints(cache),
-        "student_parameters": sum(p.numel() for p in student.parameters()),
-        "device": str(device),
-        "config": cfg.to_dict(),
-        "versions": {"kdcache": kdcache.__version__, "torch": torch.__version__},
-    }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
+    with RunDir(cfg.out, overwrite) as run:  # created and locked only now that every input has been checked
+        history = []
+        with progress_bar("batches", progress) as bar:
+            for epoch in range(1, cfg.epochs + 1):
+                dataset.set_epoch(epoch - 1)
+                task = bar.add_task(_progress_text(epoch, cfg), total=len(dataset))
+                record = _train_epoch(epoch, student, teacher, optimizer, loader, classes, cfg, device, bar, task)
+                if eval_data is not None:
+                    record.update(evaluate(student, eval_data, device, cfg.batch_size))
+                history.append(_json_safe(record))
+                run.write_metrics(history)
+        run.save_student(student.state_dict())
+        summary = {
+            "epochs": cfg.epochs,
+            "seconds": round(time.perf_counter() - t0, 3),
+            "final": history[-1],
+            "eval_accuracy": history[-1].get("eval_accuracy"),
+            "mode": "online" if cfg.online else "cached",
+            "cache": cfg.cache,
+            "fingerprints": _fingerprints(cache),
+            "student_parameters": sum(p.numel() for p in student.parameters()),
+            "device": str(device),
+            "config": cfg.to_dict(),
+            "versions": {"kdcache": kdcache.__version__, "torch": torch.__version__},
+        }
+        run.finish(summary)
     return summary
 
 
@@ -363,14 +360,43 @@ def _check_out(out: str, overwrite: bool) -> None:
         raise ConfigError(f"--out {out!r} already holds a finished run (summary.json); pass --overwrite or choose another directory")
 
 
-def _make_out(out: str) -> Path:
-    path = Path(out)
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "summary.json").unlink(missing_ok=True)  # a run is finished only once this exists again
-    return path
+class RunDir:
+    """--out while a run writes it: created and locked on entry, the lock released on exit (also
+    on failure), so two runs never write one directory. Every file appears whole
+    (``Location.write_bytes``: a temporary file, then os.replace); summary.json last, so that its
+    existence means the run finished."""
 
+    FILES = ("summary.json", "student.pt", "metrics.jsonl")  # summary.json first: unfinished from then on
 
-def _atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    def __init__(self, out: str, overwrite: bool) -> None:
+        self.out, self.overwrite = out, overwrite
+        self.location = Location(out)
+        self.lock = Lock(self.location, "run.lock", f"--out {out}")
+
+    def __enter__(self) -> "RunDir":
+        Path(self.out).mkdir(parents=True, exist_ok=True)
+        self.lock.acquire()
+        try:
+            _check_out(self.out, self.overwrite)  # again, under the lock: another run may have finished meanwhile
+            for name in self.FILES:  # an earlier run's, finished or not: never mixed with this one's
+                self.location.remove(name)
+        except BaseException:
+            self.lock.release()
+            raise
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.lock.release()
+
+    def write_metrics(self, records: list[dict[str, Any]]) -> None:
+        """metrics.jsonl, a line per epoch so far, replaced whole: no line is ever half there."""
+        text = "".join(json.dumps(r, allow_nan=False) + "\n" for r in records)
+        self.location.write_bytes("metrics.jsonl", text.encode())
+
+    def save_student(self, state: dict[str, torch.Tensor]) -> None:
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        self.location.write_bytes("student.pt", buffer.getbuffer())
+
+    def finish(self, summary: dict[str, Any]) -> None:
+        self.location.write_bytes("summary.json", (json.dumps(summary, indent=2, allow_nan=False) + "\n").encode())

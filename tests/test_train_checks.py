@@ -5,6 +5,8 @@ files, is locked while a run writes it, and has summary.json only once the run f
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
 import textwrap
 from pathlib import Path
 
@@ -13,6 +15,8 @@ import torch
 from typer.testing import CliRunner
 
 from kdcache.cli import app
+from kdcache.store.fs import Location
+from kdcache.store.lock import Lock
 
 from conftest import run_cli
 
@@ -373,3 +377,60 @@ def test_metrics_and_summary_are_strict_json(run, tmp_path):
     assert [m["eval_loss"] for m in lines] == [None, None] and all(m["train_loss"] > 0 for m in lines)
     summary = strict_json((tmp_path / "run" / "summary.json").read_text())
     assert summary["final"]["eval_loss"] is None and summary["final"] == lines[-1]
+
+
+# --- the run directory ----------------------------------------------------------------------------
+def test_a_finished_run_holds_its_files_whole_and_no_lock(run, tmp_path):
+    result = run(None, "--epochs", "2", "--eval-data", EVAL)
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "run"
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.jsonl", "student.pt", "summary.json"]
+    assert [m["epoch"] for m in metrics(out)] == [1, 2]
+    assert set(torch.load(out / "student.pt", weights_only=True)) == {"0.weight", "0.bias", "2.weight", "2.bias"}
+
+
+def test_a_second_run_into_a_locked_out_is_refused(run, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"epoch": 1}\n')  # the other run's
+    lock = Lock(Location(str(out)), "run.lock", f"--out {out}")
+    lock.acquire()
+    try:
+        line = error_line(run(None), code=1)
+    finally:
+        lock.release()
+    assert f"--out {out} is in use by another process (pid {os.getpid()}" in line
+    assert (out / "metrics.jsonl").read_text() == '{"epoch": 1}\n' and not (out / "summary.json").exists()
+
+
+def _take_lock_and_die(out: str) -> None:
+    Lock(Location(out), "run.lock", f"--out {out}").acquire()
+    os._exit(0)  # as if killed: the lock stays behind
+
+
+def test_the_lock_of_a_dead_run_is_taken_over(run, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    proc = multiprocessing.get_context("spawn").Process(target=_take_lock_and_die, args=(str(out),))
+    proc.start()
+    proc.join()
+    assert (out / "run.lock").exists()
+    result = run(None)
+    assert result.exit_code == 0, result.output
+    assert not (out / "run.lock").exists() and (out / "summary.json").exists()
+
+
+def test_a_failed_run_releases_the_lock(run, tmp_path):
+    error_line(run("students.py:diverges_at_8"))
+    assert (tmp_path / "run").is_dir() and not (tmp_path / "run" / "run.lock").exists()
+    result = run(None)  # the same --out again: not locked, not finished
+    assert result.exit_code == 0, result.output
+
+
+def test_overwriting_then_failing_leaves_nothing_that_looks_finished(run, tmp_path):
+    out = tmp_path / "run"
+    assert run(None, "--epochs", "2").exit_code == 0
+    line = error_line(run("students.py:diverges_at_25", "--epochs", "2", "--overwrite", "--log-every", "5"))
+    assert "epoch 2" in line and "steps 1..5" in line
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.jsonl"]  # no summary, no old student
+    assert [m["epoch"] for m in metrics(out)] == [1]  # the new run's first epoch, whole
