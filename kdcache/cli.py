@@ -150,7 +150,8 @@ def train(
     cache: Optional[str] = typer.Option(None, help="Cache made by `kdcache dump`."),
     student: Optional[str] = typer.Option(None, help="Student spec: pkg.module:attr, file.py:attr or torchscript:PATH."),
     data: Optional[str] = typer.Option(None, help="The dataset the cache was dumped from (inputs are joined by index)."),
-    out_: Optional[str] = typer.Option(None, "--out", help="Run directory: metrics.jsonl, student.pt, summary.json."),
+    out_: Optional[str] = typer.Option(None, "--out", help="Run directory: metrics.jsonl, student.pt, then summary.json "
+                                       "once the run finished. Locked while a run writes it."),
     eval_data: Optional[str] = typer.Option(None, help="Labelled dataset spec to report accuracy on after each epoch."),
     epochs: int = typer.Option(10),
     batch_size: int = typer.Option(64),

@@ -1,8 +1,13 @@
 """`kdcache train`: a student from cached teacher targets (or, with ``online``, a live teacher).
 
-The loop reads top to bottom: batch → student forward → loss → step, then per epoch an evaluation,
-one line of metrics.jsonl, and at the end student.pt and summary.json. The cached and the online
-run share the loader, so with the same seed they see the same batches in the same order.
+Every input is checked before anything is written: the environment (one process), the data, the
+cache or teacher, and one batch through the student (its width against the teacher's, BatchNorm
+against a last batch of one row) and one through --eval-data. Only then is --out created and
+locked. The loop reads top to bottom: batch → student forward → loss → step → log; the loss is
+summed on the device and read every --log-every steps, where a NaN or inf stops the run. Per
+epoch: an evaluation and metrics.jsonl rewritten whole; at the end student.pt, then summary.json,
+whose existence means the run finished. The cached and the online run share the loader, so with
+the same seed they see the same batches in the same order.
 """
 
 from __future__ import annotations
@@ -40,8 +45,13 @@ class NonFiniteLossError(KDCacheError):
 
 
 def train(cfg: TrainConfig, progress: bool = True, overwrite: bool = False) -> dict[str, Any]:
+    """Train ``cfg.student`` into the run directory ``cfg.out`` and return the summary.
+
+    Bad input raises a :class:`~kdcache.errors.KDCacheError` naming the flag at fault, before
+    --out exists wherever it can be found up front. ``overwrite`` replaces a finished run there.
+    """
     t0 = time.perf_counter()
-    refuse_distributed_env()
+    _refuse_distributed_env()
     _check_out(cfg.out, overwrite)
     device = pick_device(cfg.device)
     data = _load_data(cfg.data, "--data")
@@ -58,7 +68,7 @@ def train(cfg: TrainConfig, progress: bool = True, overwrite: bool = False) -> d
             teacher = teacher.to(device)
     source = cache if cache is not None else DatasetRows(len(data))
     dataset = CacheDataset(source, data, batch_size=cfg.batch_size, seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer,
-                           drop_last=cfg.drop_last, rank=0, world=1,  # one process (refuse_distributed_env)
+                           drop_last=cfg.drop_last, rank=0, world=1,  # one process (_refuse_distributed_env)
                            targets=() if cfg.online else ("logits",))
     loader = make_loader(dataset, num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
 
@@ -97,7 +107,6 @@ def train(cfg: TrainConfig, progress: bool = True, overwrite: bool = False) -> d
         run.finish(summary)
     return summary
 
-
 def _train_epoch(epoch: int, student: torch.nn.Module, teacher: torch.nn.Module | None, optimizer, loader,
                  classes: int, cfg: TrainConfig, device: torch.device, bar, task) -> dict[str, Any]:
     """One epoch: batch → student forward → loss → step → log. The loss is summed on the device
@@ -129,7 +138,6 @@ def _train_epoch(epoch: int, student: torch.nn.Module, teacher: torch.nn.Module 
     bar.update(task, description=_progress_text(epoch, cfg, mean))
     return {"epoch": epoch, "train_loss": mean, "rows": rows, "seconds": round(time.perf_counter() - t0, 4)}
 
-
 def _mean_loss(loss_sum: torch.Tensor, rows: int, epoch: int, first: int, last: int, cfg: TrainConfig) -> float:
     """The epoch's mean training loss so far (a host sync). A NaN or inf stops the run, naming the
     steps since the previous read: the first interval where it happened."""
@@ -141,16 +149,35 @@ def _mean_loss(loss_sum: torch.Tensor, rows: int, epoch: int, first: int, last: 
             "and look for NaN or inf in --data")
     return mean
 
-
 def _progress_text(epoch: int, cfg: TrainConfig, mean_loss: float | None = None) -> str:
+    """The progress bar's label: the epoch, and the mean loss once it has been read."""
     loss = "" if mean_loss is None else f" loss {mean_loss:.4f}"
     return f"epoch {epoch}/{cfg.epochs}{loss}"
-
 
 def _json_safe(record: dict[str, Any]) -> dict[str, Any]:
     """``record`` with NaN and inf as None: metrics.jsonl and summary.json are strict JSON (null)."""
     return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
 
+
+# --- checks, before anything is written ------------------------------------------------------
+def _refuse_distributed_env() -> None:
+    """Refuse WORLD_SIZE (other than 1) or RANK (other than 0) in the environment.
+
+    The run is one process until DDP training exists: a variable left over by a launcher or a
+    shell profile would otherwise shard the data, or fail deep in the loader far from its cause.
+    """
+    for var, single in (("WORLD_SIZE", 1), ("RANK", 0)):
+        text = os.environ.get(var)
+        if text is None:
+            continue
+        try:
+            value = int(text)
+        except ValueError:
+            raise ConfigError(f"environment variable {var}: expected an integer, got {text!r} instead; "
+                              "unset it, DDP training is not supported yet") from None
+        if value != single:
+            raise ConfigError(f"environment variable {var}={text}: `kdcache train` runs one process; "
+                              "unset it, DDP training is not supported yet")
 
 def _load_data(spec: str, flag: str) -> Any:
     """The dataset ``spec`` names; an empty one is refused here (nothing to train or evaluate on)."""
@@ -158,7 +185,6 @@ def _load_data(spec: str, flag: str) -> Any:
     if len(data) == 0:
         raise DataError(f"{flag}: {spec!r} is empty; expected a dataset with at least one item")
     return data
-
 
 def _trainable(student: torch.nn.Module, spec: str) -> list[torch.nn.Parameter]:
     """The student's trainable parameters; none is refused here (AdamW would raise on an empty list)."""
@@ -169,12 +195,11 @@ def _trainable(student: torch.nn.Module, spec: str) -> list[torch.nn.Parameter]:
         raise ConfigError(f"--student {spec}: nothing to train, {why}; expected a model with trainable parameters")
     return params
 
-
 def _check_batches(dataset: CacheDataset, cfg: TrainConfig) -> None:
+    """Refuse an epoch of no batch (--drop-last with fewer rows than --batch-size)."""
     if len(dataset) == 0:
         raise ConfigError(f"--drop-last: the data has {dataset.units} rows, fewer than --batch-size {cfg.batch_size}, "
                           "so every batch would be dropped; lower --batch-size or leave out --drop-last")
-
 
 def _check_student(student: torch.nn.Module, teacher: torch.nn.Module | None, dataset: CacheDataset,
                    cfg: TrainConfig, device: torch.device) -> int:
@@ -187,7 +212,8 @@ def _check_student(student: torch.nn.Module, teacher: torch.nn.Module | None, da
     In eval mode and without gradients, so the probe changes no weight, BatchNorm statistic or
     random state: a run gives the same student with or without it.
     """
-    batch = dataset.batch(dataset.plan(0).batch(0))
+    plan = dataset.plan(0)
+    batch = dataset.batch(plan.batch(0))
     rows = len(batch["index"])
     x = to_device(batch["input"], device)
     student.eval()
@@ -201,42 +227,12 @@ def _check_student(student: torch.nn.Module, teacher: torch.nn.Module | None, da
                           f"got {s.shape[1]} classes instead")
     if cfg.alpha < 1:
         _check_labels(batch["label"], batch["index"], s.shape[1], "--data")
-    plan = dataset.plan(0)
     last_rows = plan.rank_units - (plan.num_batches - 1) * plan.batch_size
     if last_rows == 1 and 1 in batchnorm_values:
         raise ConfigError(f"--student {cfg.student}: BatchNorm cannot train on a batch of one row, and each epoch's "
                           f"last batch holds one ({dataset.units} rows, --batch-size {cfg.batch_size}); pass "
                           "--drop-last to drop it")
     return s.shape[1]
-
-
-def _check_eval_data(student: torch.nn.Module, data, cfg: TrainConfig, device: torch.device) -> None:
-    """Run the first batch of --eval-data through the student before anything is written: its
-    items must batch, the student must take them, their labels must be classes it has. And some
-    item must have a label: items are read on until one has (all of them only when none has)."""
-    indices = list(range(min(cfg.batch_size, len(data))))
-    student.eval()
-    with torch.no_grad():
-        _, labels = _eval_batch(student, data, indices, device)
-    if (labels == NO_LABEL).all() and not _any_label(data, len(indices)):
-        raise DataError(f"--eval-data {cfg.eval_data}: none of its {len(data)} items has a label; "
-                        "evaluation needs labelled items")
-
-
-def _any_label(data, start: int) -> bool:
-    return any(split_item(_read_item(data, i, "--eval-data"), i, "--eval-data")[1] != NO_LABEL
-               for i in range(start, len(data)))
-
-
-def _check_labels(labels: torch.Tensor, items, classes: int, flag: str) -> None:
-    """Refuse a label the student has no class for. Checked on the host, where the labels are: on
-    a GPU, cross-entropy would stop the process with a device-side assert instead."""
-    bad = (labels >= classes) | (labels < NO_LABEL)
-    if bad.any():
-        i = int(bad.nonzero()[0, 0])
-        raise ConfigError(f"{flag}: item {int(items[i])} has label {int(labels[i])}; expected a class in "
-                          f"0..{classes - 1} (the student's outputs), or -1 for none")
-
 
 @contextlib.contextmanager
 def _batchnorm_inputs(model: torch.nn.Module):
@@ -256,7 +252,34 @@ def _batchnorm_inputs(model: torch.nn.Module):
         for hook in hooks:
             hook.remove()
 
+def _check_eval_data(student: torch.nn.Module, data, cfg: TrainConfig, device: torch.device) -> None:
+    """Run the first batch of --eval-data through the student before anything is written: its
+    items must batch, the student must take them, their labels must be classes it has. And some
+    item must have a label: items are read on until one has (all of them only when none has)."""
+    indices = list(range(min(cfg.batch_size, len(data))))
+    student.eval()
+    with torch.no_grad():
+        _, labels = _eval_batch(student, data, indices, device)
+    if (labels == NO_LABEL).all() and not _any_label(data, len(indices)):
+        raise DataError(f"--eval-data {cfg.eval_data}: none of its {len(data)} items has a label; "
+                        "evaluation needs labelled items")
 
+def _any_label(data, start: int) -> bool:
+    """Whether an item of --eval-data from ``start`` on has a label (read until one has)."""
+    return any(split_item(_read_item(data, i, "--eval-data"), i, "--eval-data")[1] != NO_LABEL
+               for i in range(start, len(data)))
+
+def _check_labels(labels: torch.Tensor, items, classes: int, flag: str) -> None:
+    """Refuse a label the student has no class for. Checked on the host, where the labels are: on
+    a GPU, cross-entropy would stop the process with a device-side assert instead."""
+    bad = (labels >= classes) | (labels < NO_LABEL)
+    if bad.any():
+        i = int(bad.nonzero()[0, 0])
+        raise ConfigError(f"{flag}: item {int(items[i])} has label {int(labels[i])}; expected a class in "
+                          f"0..{classes - 1} (the student's outputs), or -1 for none")
+
+
+# --- forward passes -----------------------------------------------------------------------------
 def _targets(batch: dict[str, Any], teacher: torch.nn.Module | None, x: Any, rows: int, device: torch.device,
              at: str) -> torch.Tensor:
     """The teacher's [B, C] logits for a batch: the cached ones, or (online) the live teacher's."""
@@ -264,7 +287,6 @@ def _targets(batch: dict[str, Any], teacher: torch.nn.Module | None, x: Any, row
         return batch["logits"].to(device, non_blocking=True)
     with torch.no_grad():
         return _logits(teacher, x, rows, "--teacher", f"the teacher's forward pass failed {at}")
-
 
 def _logits(model: torch.nn.Module, x: Any, rows: int, flag: str, failed: str) -> torch.Tensor:
     """``model(x)`` as [rows, C] logits. An exception of the model's own code is the user's input at
@@ -278,32 +300,13 @@ def _logits(model: torch.nn.Module, x: Any, rows: int, flag: str, failed: str) -
         raise ConfigError(f"{flag}: {failed}: {_one_line(e)}") from None
     return extract_logits(output, rows, flag)
 
-
 def _one_line(e: Exception, limit: int = 400) -> str:
+    """``Type: message`` on one line (torch's messages span several), at most ``limit`` characters."""
     text = " ".join(f"{type(e).__name__}: {e}".split())
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def refuse_distributed_env() -> None:
-    """Refuse WORLD_SIZE (other than 1) or RANK (other than 0) in the environment.
-
-    The run is one process until DDP training exists: a variable left over by a launcher or a
-    shell profile would otherwise shard the data, or fail deep in the loader far from its cause.
-    """
-    for var, single in (("WORLD_SIZE", 1), ("RANK", 0)):
-        text = os.environ.get(var)
-        if text is None:
-            continue
-        try:
-            value = int(text)
-        except ValueError:
-            raise ConfigError(f"environment variable {var}: expected an integer, got {text!r} instead; "
-                              "unset it, DDP training is not supported yet") from None
-        if value != single:
-            raise ConfigError(f"environment variable {var}={text}: `kdcache train` runs one process; "
-                              "unset it, DDP training is not supported yet")
-
-
+# --- evaluation ---------------------------------------------------------------------------------
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, data, device: torch.device, batch_size: int = 256) -> dict[str, float]:
     """Accuracy and cross-entropy over the labelled items of ``data`` (--eval-data).
@@ -325,7 +328,6 @@ def evaluate(model: torch.nn.Module, data, device: torch.device, batch_size: int
         raise DataError("--eval-data: no item has a label; evaluation needs labels")
     return {"eval_accuracy": correct.item() / total, "eval_loss": ce.item() / total}
 
-
 def _eval_batch(model: torch.nn.Module, data, indices: list[int],
                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Items ``indices`` of --eval-data through the model: float [B, C] logits on the device, and
@@ -337,28 +339,22 @@ def _eval_batch(model: torch.nn.Module, data, indices: list[int],
     _check_labels(labels, indices, logits.shape[1], "--eval-data")
     return logits.float(), labels
 
-
 def _read_item(data, i: int, flag: str) -> Any:
+    """``data[i]``; an exception of the user's dataset is one line naming ``flag`` and the item."""
     try:
         return data[i]
     except Exception as e:  # noqa: BLE001 - the user's dataset
         raise DataError(f"{flag}: reading item {i} failed: {_one_line(e)}") from None
 
 
-def _fingerprints(cache) -> dict[str, Any] | None:
-    if cache is None:
-        return None
-    m = cache.manifest
-    return {"teacher": m.teacher.digest, "data": m.data.fingerprint, "capture": m.capture_fingerprint}
-
-
+# --- the run directory --------------------------------------------------------------------------
 def _check_out(out: str, overwrite: bool) -> None:
     path = Path(out)
     if path.exists() and not path.is_dir():
         raise ConfigError(f"--out {out!r} is a file; give a directory for metrics.jsonl, student.pt, summary.json")
     if (path / "summary.json").exists() and not overwrite:
-        raise ConfigError(f"--out {out!r} already holds a finished run (summary.json); pass --overwrite or choose another directory")
-
+        raise ConfigError(f"--out {out!r} already holds a finished run (summary.json); pass --overwrite or choose "
+                          "another directory")
 
 class RunDir:
     """--out while a run writes it: created and locked on entry, the lock released on exit (also
@@ -394,9 +390,17 @@ class RunDir:
         self.location.write_bytes("metrics.jsonl", text.encode())
 
     def save_student(self, state: dict[str, torch.Tensor]) -> None:
+        """student.pt: the state dict, for ``torch.load(..., weights_only=True)``."""
         buffer = io.BytesIO()
         torch.save(state, buffer)
         self.location.write_bytes("student.pt", buffer.getbuffer())
 
     def finish(self, summary: dict[str, Any]) -> None:
+        """summary.json, the last file written: from now on the run counts as finished."""
         self.location.write_bytes("summary.json", (json.dumps(summary, indent=2, allow_nan=False) + "\n").encode())
+
+def _fingerprints(cache) -> dict[str, Any] | None:
+    if cache is None:
+        return None
+    m = cache.manifest
+    return {"teacher": m.teacher.digest, "data": m.data.fingerprint, "capture": m.capture_fingerprint}
