@@ -15,6 +15,8 @@ import torch
 from typer.testing import CliRunner
 
 from kdcache.cli import app
+from kdcache.config import TrainConfig
+from kdcache.errors import ConfigError
 from kdcache.store.fs import Location
 from kdcache.store.lock import Lock
 
@@ -140,7 +142,7 @@ DATASETS = textwrap.dedent(
 
 @pytest.fixture(scope="module")
 def zoo(tmp_path_factory) -> Path:
-    """A folder with students.py and datasets.py (the specs below name them)."""
+    """A folder with students.py and data.py (the tests name their specs)."""
     root = tmp_path_factory.mktemp("zoo")
     (root / "students.py").write_text(STUDENTS)
     (root / "data.py").write_text(DATASETS)
@@ -346,6 +348,12 @@ def test_eval_data_labelled_only_after_its_first_batch_is_fine(run, tmp_path, zo
     result = run(None, "--eval-data", f"{zoo / 'data.py'}:eval_unlabelled_until_100")
     assert result.exit_code == 0, result.output
     assert 0 <= metrics(tmp_path / "run")[0]["eval_accuracy"] <= 1
+
+
+def test_new_settings_are_validated(run, tmp_path, models_file):
+    assert "--log-every must be a positive integer, got 0" in error_line(run(None, "--log-every", "0"), code=2)
+    with pytest.raises(ConfigError, match="--drop-last must be true or false, got 'yes'"):
+        TrainConfig(student=f"{models_file}:student", data=DATA, out=str(tmp_path / "run"), cache="c", drop_last="yes")
 
 
 # --- a diverging run --------------------------------------------------------------------------
