@@ -160,7 +160,8 @@ def train(
     cache: Optional[str] = typer.Option(None, help="Cache made by `kdcache dump`."),
     student: Optional[str] = typer.Option(None, help="Student spec: pkg.module:attr, file.py:attr or torchscript:PATH."),
     data: Optional[str] = typer.Option(None, help="The dataset the cache was dumped from (inputs are joined by index)."),
-    out_: Optional[str] = typer.Option(None, "--out", help="Run directory: metrics.jsonl, student.pt, summary.json."),
+    out_: Optional[str] = typer.Option(None, "--out", help="Run directory: metrics.jsonl, student.pt, then summary.json "
+                                       "once the run finished. Locked while a run writes it."),
     eval_data: Optional[str] = typer.Option(None, help="Labelled dataset spec to report accuracy on after each epoch."),
     epochs: int = typer.Option(10),
     batch_size: int = typer.Option(64),
@@ -172,6 +173,10 @@ def train(
     device: str = DeviceOpt,
     num_workers: int = typer.Option(0, help="DataLoader worker processes."),
     shuffle_buffer: int = typer.Option(65536, help="Rows shuffled together each epoch."),
+    drop_last: bool = typer.Option(False, help="Drop each epoch's last batch when it is partial (a BatchNorm "
+                                   "student cannot train on a batch of one row)."),
+    log_every: int = typer.Option(50, help="Steps between reads of the training loss: a NaN or inf stops the run, "
+                                  "naming the steps; the progress bar shows the mean. Each read waits for the device."),
     online: bool = typer.Option(False, help="Run --teacher live instead of reading targets (for comparison)."),
     teacher: Optional[str] = typer.Option(None, help="With --online, the live teacher; otherwise checked against the cache's fingerprint."),
     checkpoint: Optional[str] = typer.Option(None, help="State dict for --teacher (weights_only=True)."),

@@ -94,6 +94,8 @@ class TrainConfig:
     device: str = "auto"
     num_workers: int = 0
     shuffle_buffer: int = 65536  # rows permuted together
+    drop_last: bool = False  # drop each epoch's last partial batch (BatchNorm cannot train on one row)
+    log_every: int = 50  # steps between reads of the training loss (a host sync each)
 
     def __post_init__(self) -> None:
         _positive("--epochs", self.epochs)
@@ -109,6 +111,9 @@ class TrainConfig:
         if not isinstance(self.num_workers, int) or self.num_workers < 0:
             raise ConfigError(f"--num-workers must be 0 or more, got {self.num_workers!r}")
         _positive("--shuffle-buffer", self.shuffle_buffer)
+        _positive("--log-every", self.log_every)
+        if not isinstance(self.drop_last, bool):
+            raise ConfigError(f"--drop-last must be true or false, got {self.drop_last!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**63:
             raise ConfigError(f"--seed must be an integer in [0, 2**63), got {self.seed!r}")
         if not _device_ok(self.device):

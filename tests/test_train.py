@@ -7,7 +7,9 @@ import json
 import pytest
 import torch
 
+import kdcache
 from kdcache.capture.dump import dump
+from kdcache.capture.kinds import Dense
 from kdcache.config import DumpConfig, TrainConfig
 from kdcache.errors import ConfigError, FingerprintMismatchError
 from kdcache.train import train
@@ -32,7 +34,10 @@ def test_cached_run_writes_metrics_student_and_summary(tmp_path, models_file, di
     assert 0 <= summary["eval_accuracy"] <= 1 and summary["eval_accuracy"] == lines[-1]["eval_accuracy"]
     on_disk = json.loads((out / "summary.json").read_text())
     assert on_disk["cache"] == str(digits_cache) and on_disk["config"]["alpha"] == 0.7
-    assert set(on_disk["fingerprints"]) == {"teacher", "data", "capture"} and on_disk["epochs"] == 2
+    manifest = kdcache.open(digits_cache).manifest
+    assert on_disk["fingerprints"] == {"teacher": manifest.teacher.digest, "data": manifest.data.fingerprint,
+                                       "capture": manifest.capture_fingerprint}
+    assert on_disk["epochs"] == 2
     state = torch.load(out / "student.pt", weights_only=True)
     assert set(state) == {"0.weight", "0.bias", "2.weight", "2.bias"}
     with pytest.raises(ConfigError, match="already holds a finished run"):
@@ -104,17 +109,15 @@ def test_a_refused_run_leaves_no_run_directory(tmp_path, models_file, digits_cac
 
 
 def test_open_refuses_a_cache_made_from_something_else(models_file, digits_cache):
-    import kdcache
     from kdcache.datasets import digits_test, digits_train
     from kdcache.sources import load_module
 
     teacher = load_module(f"{models_file}:teacher", "--teacher")
-    cache = kdcache.open(digits_cache, teacher=teacher, data=digits_train(),
-                         capture={"outputs": ["logits"], "dtype": "float32"})
-    assert cache.rows == 1258
+    cache = kdcache.open(digits_cache, teacher=teacher, data=digits_train(), capture=[Dense("float32").spec()])
+    assert cache.rows == 1258 and cache.arrays["logits"].shape == (1258, 10)
     with pytest.raises(FingerprintMismatchError, match=r"data fingerprint differs \(cache: \w+, this run: \w+\)"):
         kdcache.open(digits_cache, data=digits_test())
     with pytest.raises(FingerprintMismatchError, match="teacher fingerprint differs"):
         kdcache.open(digits_cache, teacher=load_module(f"{models_file}:student", "--student"))
     with pytest.raises(FingerprintMismatchError, match="capture fingerprint differs"):
-        kdcache.open(digits_cache, capture={"outputs": ["logits"], "dtype": "float16"})
+        kdcache.open(digits_cache, capture=[Dense("float16").spec()])
