@@ -24,10 +24,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-from kdcache.capture.dump import dump, plan_batches  # noqa: E402
-from kdcache.config import DumpConfig  # noqa: E402
+from kdcache.capture.dump import default_chunk_rows, dump, plan_batches  # noqa: E402
+from kdcache.config import LOGIT_DTYPES, DumpConfig  # noqa: E402
 from kdcache.fingerprint import data_fingerprint, teacher_digest  # noqa: E402
-from kdcache.store import format as fmt  # noqa: E402
+from kdcache.sources import freeze  # noqa: E402
 
 TARGET = 0.97
 
@@ -39,7 +39,7 @@ def main() -> None:
     p.add_argument("--hidden", type=int, default=4096)
     p.add_argument("--classes", type=int, default=1000)
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--dtype", default="float16", choices=fmt.LOGIT_DTYPES)
+    p.add_argument("--dtype", default="float16", choices=LOGIT_DTYPES)
     p.add_argument("--chunk-rows", type=int, default=None, help="default: the dump's own (~4 MiB chunks)")
     p.add_argument("--num-workers", type=int, default=0, help="the dump's DataLoader workers")
     args = p.parse_args()
@@ -49,11 +49,12 @@ def main() -> None:
 
     models = common.configure_models(dump_rows=args.rows, dump_in=args.in_dim, dump_hidden=args.hidden,
                                      dump_classes=args.classes)
-    teacher = models.dump_teacher().eval().requires_grad_(False).to(device)
+    teacher = freeze(models.dump_teacher()).to(device)
     data = models.dump_data()
     flops = models.forward_flops(models.dump_sizes())
-    chunk_rows = args.chunk_rows or fmt.default_chunk_rows(fmt.storage_dtype(args.dtype).itemsize * args.classes)
-    plan = plan_batches(list(range(fmt.num_chunks(args.rows, chunk_rows))), args.rows, chunk_rows, args.batch_size)
+    logit_bytes = (4 if args.dtype == "float32" else 2) * args.classes
+    chunk_rows = args.chunk_rows or default_chunk_rows(16 + logit_bytes, args.rows)  # + index and label
+    plan = plan_batches(list(range(-(-args.rows // chunk_rows))), args.rows, chunk_rows, args.batch_size)
     pin = device.type == "cuda"
     batches = [data.inputs[s:e].contiguous() for _, s, e in plan]  # (B, in_dim) each, pre-collated
     if pin:
@@ -93,7 +94,7 @@ def main() -> None:
 
         # The last store (re-made once, untimed) must hold what the teacher says.
         run_dump(0)
-        check_store(store, teacher, batches[0], device, args.dtype)
+        check_store(store, teacher, data.inputs, device, args.dtype)
 
     med = {k: common.median(v) for k, v in times.items()}
     rows = []
@@ -105,7 +106,7 @@ def main() -> None:
     print(common.table(rows, ["variant", "median s", "min..max s", "CPU s", "rows/s", "GFLOP/s", "x bare"]))
     bytes_row = store_bytes[-1] / args.rows
     print(f"store: {store_bytes[-1] / 1e6:.1f} MB, {bytes_row:.1f} bytes/row "
-          f"(logits alone {fmt.storage_dtype(args.dtype).itemsize * args.classes} bytes/row)")
+          f"(logits alone {logit_bytes} bytes/row)")
     print(f"fixed costs inside each dump (timed apart): teacher sha256 {t_digest:.3f} s, "
           f"data fingerprint {t_fp:.3f} s = {(t_digest + t_fp) / med['dump'] * 100:.1f}% of the dump")
     ratio = med["bare forward"] / med["dump"]
@@ -123,13 +124,14 @@ def main() -> None:
 store_bytes: list[int] = []
 
 
-def check_store(store: Path, teacher, xb: torch.Tensor, device: torch.device, dtype: str) -> None:
+def check_store(store: Path, teacher, inputs: torch.Tensor, device: torch.device, dtype: str) -> None:
     import kdcache
 
     cache = kdcache.open(store)
+    items = torch.from_numpy(cache.read("index", 0, 256))  # rows hold the items in a seeded permutation
     with torch.inference_mode():
-        expected = teacher(xb.to(device)).to(getattr(torch, dtype)).cpu()
-    got = cache.tensor("logits", cache.read("logits", 0, len(xb)))
+        expected = teacher(inputs[items].to(device)).to(getattr(torch, dtype)).cpu()
+    got = cache.tensor("logits", cache.read("logits", 0, 256))
     if not torch.allclose(got.float(), expected.float(), atol=1e-2, rtol=1e-3):
         raise SystemExit("the dumped logits differ from the teacher's: the benchmark measured a broken dump")
 

@@ -173,7 +173,7 @@ def main() -> None:
                     "KD, tensor slicing": kd_slicing, "cached KD": cached_kd, "online KD": online_kd,
                     "cached loader only": loader_only}
         times = common.interleaved(variants, args.repeats, args.warmup, device)
-        del cached_loader, online_loader, plain_loader  # stop persistent workers before the store goes
+        cached_loader = online_loader = plain_loader = None  # noqa: F841 - stop workers before the store goes
 
     med = {k: common.median(v) for k, v in times.items()}
     sps = {k: steps / m for k, m in med.items()}

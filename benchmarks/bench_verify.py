@@ -19,7 +19,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-from kdcache.store import format as fmt  # noqa: E402
+from kdcache.config import LOGIT_DTYPES  # noqa: E402
+from kdcache.store import schema as sc  # noqa: E402
 from kdcache.store.verify import open_for_verify, verify  # noqa: E402
 
 TARGET = 0.8
@@ -29,7 +30,7 @@ def main() -> None:
     p = common.parser(__doc__.splitlines()[0])
     p.add_argument("--rows", type=int, default=150_000)
     p.add_argument("--classes", type=int, default=1000)
-    p.add_argument("--dtype", default="float16", choices=fmt.LOGIT_DTYPES)
+    p.add_argument("--dtype", default="float16", choices=LOGIT_DTYPES)
     p.add_argument("--chunk-rows", type=int, default=None, help="default: the dump's own (~4 MiB chunks)")
     p.add_argument("--passes", type=int, default=10, help="whole-store passes per timed call (calls of ~0.5 s)")
     args = p.parse_args()
@@ -43,9 +44,9 @@ def main() -> None:
         cache = open_for_verify(str(store))
         files = []  # what verify reads, in its order
         for chunk in range(cache.num_chunks):
-            files.append(store / fmt.commit_name(chunk))
-            files += [Path(cache.chunk_path(name, chunk)) for name in cache.arrays]
-            files.append(store / fmt.meta_part_name(chunk))
+            files.append(store / sc.commit_name(chunk))
+            files += [store / cache.layout(name).key(chunk) for name in cache.arrays]
+            files.append(store / sc.table_part_name(chunk))
         total = sum(f.stat().st_size for f in files)
         common.warm_page_cache(store)
         print(f"{len(files)} files, {total / 1e6:.1f} MB; every file exists: {all(f.exists() for f in files)}")

@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Optional
 
@@ -52,7 +51,7 @@ def friendly(fn):
             _error(str(e))
             raise typer.Exit(e.exit_code) from None
         except KeyboardInterrupt:
-            err.print("interrupted: committed chunks are kept; run the same command again to resume")
+            err.print(INTERRUPTED.get(fn.__name__, "interrupted"))
             raise typer.Exit(130) from None
         except OSError as e:
             _error(_describe_os_error(e, _given_paths(kwargs)))
@@ -66,6 +65,12 @@ def friendly(fn):
                    "KDCACHE_DEBUG=1 shows the traceback)")
             raise typer.Exit(70) from None
     return wrapper
+
+
+INTERRUPTED = {
+    "dump": "interrupted: committed chunks are kept; run the same command again to resume",
+    "train": "interrupted: the run did not finish (no summary.json); run it again to start over",
+}
 
 
 def _error(message: str) -> None:

@@ -29,8 +29,16 @@ class DataError(KDCacheError):
     """A dataset item has an unusable shape or type, or the dataset is empty."""
 
 
-class TeacherOutputError(KDCacheError):
+class ModelOutputError(KDCacheError):
+    """A model (teacher or student) returned something that is not logits of the expected shape."""
+
+
+class TeacherOutputError(ModelOutputError):
     """The teacher produced something that cannot be cached (wrong shape, NaN/Inf)."""
+
+
+class NonFiniteLossError(KDCacheError):
+    """The training loss became NaN or infinite: the run diverged."""
 
 
 class StoreError(KDCacheError):

@@ -27,7 +27,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 import kdcache
 from kdcache.capture.outputs import call_model, extract_logits, to_device
 from kdcache.config import TrainConfig, pick_device
-from kdcache.errors import ConfigError, DataError, KDCacheError
+from kdcache.errors import ConfigError, DataError, NonFiniteLossError
 from kdcache.fingerprint import teacher_fingerprint
 from kdcache.loader import CacheDataset, DatasetRows, make_loader
 from kdcache.losses import kd_loss
@@ -38,10 +38,6 @@ from kdcache.store.fs import Location
 from kdcache.store.lock import Lock
 
 ONE_ROW_BATCHNORM = "Expected more than 1 value per channel when training"  # torch's error
-
-
-class NonFiniteLossError(KDCacheError):
-    """The training loss became NaN or infinite: the run diverged."""
 
 
 def train(cfg: TrainConfig, progress: bool = True, overwrite: bool = False) -> dict[str, Any]:

@@ -19,6 +19,8 @@ import pytest
 import kdcache
 from kdcache.capture.dump import dump
 from kdcache.config import DumpConfig
+from kdcache.loader import CacheDataset
+from kdcache.store import reader as reader_module
 from kdcache.store.schema import StaleChunkError
 
 READERS = 6
@@ -141,15 +143,21 @@ def test_readers_of_the_store_being_written_see_committed_chunks_only(tmp_path):
     assert seen_complete >= 1
 
 
-def test_an_overwrite_under_a_reader_is_a_clear_error(tmp_path, models_file):
+def test_an_overwrite_under_a_reader_is_a_clear_error(tmp_path, models_file, monkeypatch):
     out = tmp_path / "c.zarr"
     cfg = DumpConfig(teacher=f"{models_file}:teacher", data="kdcache.datasets:digits_train", out=str(out),
                      chunk_rows=128)
     dump(cfg, progress=False)
+    trainer = CacheDataset(kdcache.open(out), batch_size=100)
+    first = [b["logits"] for b in trainer]  # an epoch of the first cache: every chunk mapped
+    monkeypatch.setattr(reader_module, "MAX_ADMITTED_CHUNKS", 2)
     reader = kdcache.open(out)
-    first = reader.read("logits", 0, 128)  # chunk 0 is admitted: its mapping stays valid
+    reader.read("logits", 0, 128)  # a reader with room for two chunks has mapped chunk 0 only
     dump(DumpConfig(**{**cfg.__dict__, "dtype": "float32", "overwrite": True}), progress=False)
-    with pytest.raises(StaleChunkError, match="chunk 1 .*(overwritten|generation)"):
-        reader.read("logits", 128, 256)
-    np.testing.assert_array_equal(reader.read("logits", 0, 128), first)  # what it had stays consistent
+
+    with pytest.raises(StaleChunkError, match="overwritten since it was opened"):
+        next(iter(trainer))  # the next epoch starts by checking the generation
+    with pytest.raises(StaleChunkError, match="chunk 5 .*overwritten"):
+        reader.read("logits", 640, 768)  # a chunk it never mapped: its record is the new cache's
+    assert all(len(b) for b in first)  # what was read before is the old cache's, whole
     assert kdcache.open(out).read("logits").dtype == np.float32

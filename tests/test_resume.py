@@ -341,21 +341,6 @@ def monkeypatch_module():
     mp.undo()
 
 
-@pytest.fixture(scope="module")
-def reference(slow_module, tmp_path_factory) -> tuple[Path, float]:
-    """An uninterrupted dump of the same command (a real subprocess), and how long it took."""
-    out = tmp_path_factory.mktemp("ref") / "ref.zarr"
-    proc = start(dump_cmd(slow_module, out))
-    assert wait_for_lock(out, proc)
-    t0 = time.monotonic()
-    stderr = finish(proc)
-    duration = time.monotonic() - t0
-    assert proc.returncode == 0, stderr
-    assert f"wrote {out}: {ROWS} of {ROWS} rows computed" in stderr
-    assert len(commits(out)) == CHUNKS and status(out) == "complete"
-    return out, duration
-
-
 def resume_in_process(module: Path, out: Path) -> None:
     """The same command again: it must compute exactly the chunks without a commit record."""
     before = commits(out)

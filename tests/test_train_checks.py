@@ -407,7 +407,7 @@ def test_a_second_run_into_a_locked_out_is_refused(run, tmp_path):
         line = error_line(run(None), code=1)
     finally:
         lock.release()
-    assert f"--out {out} is in use by another process (pid {os.getpid()}" in line
+    assert f"--out {out} is locked by another process (pid {os.getpid()}" in line
     assert (out / "metrics.jsonl").read_text() == '{"epoch": 1}\n' and not (out / "summary.json").exists()
 
 

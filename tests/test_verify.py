@@ -4,12 +4,8 @@ incomplete cache is refused for training but described by `kdcache info`."""
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
-import subprocess
-import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest

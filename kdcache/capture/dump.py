@@ -33,7 +33,7 @@ from kdcache.errors import ConfigError, DataError, KDCacheError, StoreError, Tea
 from kdcache.fingerprint import data_fingerprint, teacher_fingerprint
 from kdcache.progress import progress_bar
 from kdcache.sources import freeze, load_dataset, load_module
-from kdcache.sources.items import NO_LABEL, collate_items
+from kdcache.sources.items import NO_LABEL, fetch_batch
 from kdcache.store import schema as sc
 from kdcache.store.reader import location, survey
 from kdcache.store.schema import ArraySpec, DataInfo, Manifest, RowOrder, TeacherInfo
@@ -166,24 +166,22 @@ def _zarr_version() -> str:
 
 
 # --- stage 1: loading ---------------------------------------------------------------------------
-class _Indexed(torch.utils.data.Dataset):
+class _Batches(torch.utils.data.Dataset):
+    """The dataset as the DataLoader's fetcher sees it: a batch of items at a time."""
+
     def __init__(self, dataset: Any) -> None:
         self.dataset = dataset
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, i: int):
-        try:
-            return i, self.dataset[i]
-        except Exception as e:
-            raise DataError(f"--data: reading item {i} failed: {type(e).__name__}: {e}") from None
+    def __getitems__(self, items: list[int]):
+        inputs, labels = fetch_batch(self.dataset, items, "--data")
+        return torch.tensor(items, dtype=torch.int64), labels, inputs
 
 
-def _collate(pairs):
-    items = [i for i, _ in pairs]
-    inputs, labels = collate_items([item for _, item in pairs], items, "--data")
-    return torch.tensor(items, dtype=torch.int64), labels, inputs
+def _collate(batch):
+    return batch  # fetched whole by _Batches
 
 
 class _PlanSampler(torch.utils.data.Sampler):
@@ -201,7 +199,7 @@ class _PlanSampler(torch.utils.data.Sampler):
 
 
 def _batches(dataset, plan, order: RowOrder, rows: int, num_workers: int, pin: bool) -> Iterator[tuple]:
-    loader = DataLoader(_Indexed(dataset), batch_sampler=_PlanSampler(plan, order, rows), collate_fn=_collate,
+    loader = DataLoader(_Batches(dataset), batch_sampler=_PlanSampler(plan, order, rows), collate_fn=_collate,
                         num_workers=num_workers, pin_memory=pin)
     for (chunk, start, stop), (items, labels, inputs) in zip(plan, loader):
         yield chunk, start, stop, items, labels, inputs

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from kdcache.errors import TeacherOutputError
+from kdcache.errors import ModelOutputError, TeacherOutputError
 
 
 def to_device(x: Any, device: torch.device) -> Any:
@@ -35,11 +35,12 @@ def extract_logits(output: Any, batch: int, flag: str = "--teacher") -> torch.Te
         output = output.logits
     elif isinstance(output, dict) and "logits" in output:
         output = output["logits"]
+    error = TeacherOutputError if flag == "--teacher" else ModelOutputError
     if not isinstance(output, torch.Tensor):
-        raise TeacherOutputError(f"{flag}: the model returned {type(output).__name__}; expected a [batch, classes] "
+        raise error(f"{flag}: the model returned {type(output).__name__}; expected a [batch, classes] "
                                  "tensor, a tuple starting with one, or an object with .logits")
     if output.ndim != 2 or output.shape[0] != batch or not output.is_floating_point():
-        raise TeacherOutputError(f"{flag}: the model returned a {output.dtype} tensor of shape {tuple(output.shape)} "
+        raise error(f"{flag}: the model returned a {output.dtype} tensor of shape {tuple(output.shape)} "
                                  f"for a batch of {batch}; expected floating-point logits of shape [{batch}, classes]")
     return output
 

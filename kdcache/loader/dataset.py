@@ -29,10 +29,10 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 import kdcache
-from kdcache.errors import DataError, FingerprintMismatchError
+from kdcache.errors import FingerprintMismatchError
 from kdcache.fingerprint import data_fingerprint
 from kdcache.loader.order import BLOCK, WINDOW, EpochPlan, _int
-from kdcache.sources.items import NO_LABEL, collate_items
+from kdcache.sources.items import NO_LABEL, fetch_batch
 from kdcache.store.reader import Cache
 from kdcache.store.schema import RowOrder
 
@@ -54,6 +54,9 @@ class DatasetRows:
 
     def willneed(self, rows: np.ndarray) -> None:
         pass  # nothing to read ahead
+
+    def check_generation(self) -> None:
+        pass  # nothing can overwrite it
 
     def gather(self, names: list[str], rows: np.ndarray) -> dict[str, np.ndarray]:
         return {"index": self.order.items(rows, self.rows)} if "index" in names else {}
@@ -233,6 +236,7 @@ class CacheDataset(IterableDataset):
         worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
         if info is None:
             self._begin()
+        self.source.check_generation()  # an overwritten cache stops here, at the epoch's start
         plan = self.plan()
         ahead = -1  # the last window whose rows were announced to the kernel
         for b in range(int(self._state[2]) + worker, plan.num_batches, workers):
@@ -266,34 +270,11 @@ class CacheDataset(IterableDataset):
         return batch
 
     def _inputs(self, index: np.ndarray) -> tuple[Any, torch.Tensor]:
-        tensors = _batched_tensors(self.data)
-        if tensors is not None:  # in-memory tensors: one gather each, as tensor slicing does
-            idx = torch.from_numpy(index)
-            labels = tensors[1][idx].clamp_min(NO_LABEL) if len(tensors) == 2 else torch.full(
-                (len(index),), NO_LABEL, dtype=torch.int64)
-            return tensors[0][idx], labels
-        indices = index.tolist()
-        getitems = getattr(self.data, "__getitems__", None)
-        try:
-            items = getitems(indices) if getitems is not None else [self.data[i] for i in indices]
-        except Exception as e:
-            raise DataError(f"data: reading items {indices[0]}, … failed: {type(e).__name__}: {e}") from None
-        return collate_items(items, indices, flag="data")
+        return fetch_batch(self.data, index.tolist(), flag="data")
 
     def __repr__(self) -> str:
         return (f"CacheDataset({self.source!r}, batch_size={self.batch_size}, seed={self.seed}, "
                 f"shuffle={self.shuffle}, epoch={self.epoch}, rank={self.rank}, world={self.world})")
-
-
-def _batched_tensors(data: Any) -> tuple[torch.Tensor, ...] | None:
-    """A ``TensorDataset`` of (inputs) or (inputs, integer labels [N]): gathered a batch at a time."""
-    if not isinstance(data, torch.utils.data.TensorDataset) or len(data.tensors) not in (1, 2):
-        return None
-    if len(data.tensors) == 2:
-        labels = data.tensors[1]
-        if labels.ndim != 1 or labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-            return None  # not one class id per item: item by item, with its error message
-    return data.tensors
 
 
 def _committed_rows(source: Cache | DatasetRows) -> np.ndarray | None:

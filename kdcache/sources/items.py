@@ -53,6 +53,38 @@ def _as_label(label: Any, index: int, flag: str) -> int:
                     "expected an integer class id")
 
 
+def fetch_batch(data: Any, indices: list[int], flag: str = "--data") -> tuple[Any, torch.Tensor]:
+    """Items ``indices`` of ``data`` as ``(collated inputs, int64 labels [B])``, -1 for no label.
+
+    A ``TensorDataset`` of inputs (and integer labels) is gathered a batch at a time, one index per
+    tensor; any other dataset item by item, with an error naming the item that fails.
+    """
+    tensors = _batched_tensors(data)
+    if tensors is not None:
+        idx = torch.as_tensor(indices, dtype=torch.int64)
+        if len(tensors) == 1:
+            return tensors[0][idx], torch.full((len(indices),), NO_LABEL, dtype=torch.int64)
+        return tensors[0][idx], tensors[1][idx].to(torch.int64).clamp_min(NO_LABEL)
+    items = []
+    for i in indices:
+        try:
+            items.append(data[i])
+        except Exception as e:
+            raise DataError(f"{flag}: reading item {i} failed: {type(e).__name__}: {e}") from None
+    return collate_items(items, indices, flag)
+
+
+def _batched_tensors(data: Any) -> tuple[torch.Tensor, ...] | None:
+    """A ``TensorDataset`` of (inputs) or (inputs, integer labels [N]): gathered a batch at a time."""
+    if not isinstance(data, torch.utils.data.TensorDataset) or len(data.tensors) not in (1, 2):
+        return None
+    if len(data.tensors) == 2:
+        labels = data.tensors[1]
+        if labels.ndim != 1 or labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+            return None  # not one class id per item: item by item, with its error message
+    return data.tensors
+
+
 def collate_items(items: list[Any], indices: list[int], flag: str = "--data") -> tuple[Any, torch.Tensor]:
     """A batch of items as ``(collated inputs, int64 labels [B])``.
 

@@ -1,4 +1,4 @@
-"""Spec strings (a contract, see DESIGN.md):
+"""Spec strings (a contract: what users type for --teacher, --student and --data):
 
 * ``package.module:attr`` — an importable object;
 * ``path/to/file.py:attr`` — an object defined in a Python file;

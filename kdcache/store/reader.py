@@ -214,6 +214,16 @@ class Cache:
     def committed_rows(self) -> int:
         return sum(b - a for a, b in map(self.chunk_bounds, self.committed_chunks()))
 
+    def check_generation(self) -> None:
+        """Refuse to go on reading a cache that was overwritten (or removed) since it was opened."""
+        try:
+            current = read_manifest(self.location).generation
+        except StoreError as e:
+            raise sc.StaleChunkError(f"cache {self.url!r} can no longer be read ({e}); open it again") from None
+        if current != self.generation:
+            raise sc.StaleChunkError(f"cache {self.url!r} was overwritten since it was opened (generation "
+                                     f"{self.generation[:12]} became {current[:12]}); open it again")
+
     # --- rows -----------------------------------------------------------------------------------
     def gather(self, names: Iterable[str], rows: np.ndarray) -> dict[str, np.ndarray]:
         """Rows ``rows`` (int64 storage rows, best sorted) of each array, in storage dtype: one
