@@ -94,14 +94,7 @@ def dump(cfg: DumpConfig, progress: bool = True) -> DumpResult:
         raise StoreError(f"--out {e}") from None
     check = cfg.data_check or (existing.data.check if existing is not None else "sampled")
     fp = teacher_fingerprint(teacher, cfg.checkpoint)
-    manifest = Manifest(
-        rows=rows, chunk_rows=cfg.chunk_rows or 0, order=order,
-        teacher=TeacherInfo(spec=cfg.teacher, checkpoint=cfg.checkpoint, digest=fp.digest, weights=fp.weights,
-                            code=fp.code),
-        data=DataInfo(spec=cfg.data, length=rows, fingerprint=data_fingerprint(dataset, check=check), check=check),
-        capture=tuple(k.spec() for k in kinds),
-        created_with={"kdcache": kdcache.__version__, "torch": torch.__version__, "zarr": _zarr_version()},
-    )
+    data_fp = _data_fingerprint(dataset, check, progress)
     teacher = teacher.to(device)
 
     # Probe one row: the output width sets the arrays and the chunk size before anything is written.
@@ -110,9 +103,14 @@ def dump(cfg: DumpConfig, progress: bool = True) -> DumpResult:
         probe = _teacher_logits(teacher, inputs0, device, item_ids.tolist())
     classes = probe.shape[1]
     arrays = base_arrays(rows) + [a for k in kinds for a in k.declare(probe, rows)]
-    row_bytes = sum(a.row_bytes for a in arrays)
-    chunk_rows = _chunk_rows(cfg, row_bytes, rows, existing)
-    manifest = manifest.replace(chunk_rows=chunk_rows)
+    manifest = Manifest(
+        rows=rows, chunk_rows=_chunk_rows(cfg, sum(a.row_bytes for a in arrays), rows, existing), order=order,
+        teacher=TeacherInfo(spec=cfg.teacher, checkpoint=cfg.checkpoint, digest=fp.digest, weights=fp.weights,
+                            code=fp.code),
+        data=DataInfo(spec=cfg.data, length=rows, fingerprint=data_fp, check=check),
+        capture=tuple(k.spec() for k in kinds),
+        created_with={"kdcache": kdcache.__version__, "torch": torch.__version__, "zarr": _zarr_version()},
+    )
 
     writer = Writer.begin(cfg.out, manifest, overwrite=cfg.overwrite, resume=cfg.resume)
     if writer is None:
@@ -143,6 +141,15 @@ def _chunk_rows(cfg: DumpConfig, row_bytes: int, rows: int, existing: Manifest |
         raise ConfigError(f"--chunk-rows {cfg.chunk_rows}: a chunk would hold {chunk_rows * row_bytes / 2**30:.1f} GiB "
                           f"({row_bytes:,} bytes a row); at most {MAX_CHUNK_BYTES // 2**30} GiB: give fewer rows")
     return chunk_rows
+
+
+def _data_fingerprint(dataset, check: str, show: bool) -> str:
+    """The data fingerprint; ``full`` reads every item, so it gets a progress bar."""
+    if check != "full":
+        return data_fingerprint(dataset, check=check)
+    with progress_bar("items", show) as bar:
+        task = bar.add_task("fingerprint", total=len(dataset))
+        return data_fingerprint(dataset, check=check, progress=lambda n: bar.update(task, completed=n))
 
 
 def _kept(e: BaseException, kept: int, rows: int, out: str) -> BaseException:

@@ -37,6 +37,8 @@ from kdcache.store.reader import Cache
 from kdcache.store.schema import RowOrder
 
 _BASE = ("index", "label")
+# What the order depends on besides the epoch: a saved position means nothing if one differs.
+_ORDER_KEYS = ("seed", "units", "batch_size", "rank", "world", "shuffle", "shuffle_buffer", "shuffle_block", "drop_last")
 
 
 class DatasetRows:
@@ -198,16 +200,12 @@ class CacheDataset(IterableDataset):
 
     def state_dict(self) -> dict[str, Any]:
         """Where the iteration stands: pass it to :meth:`load_state_dict` to continue exactly there."""
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "units": self.units,
-                "batch_size": self.batch_size, "rank": self.rank, "world": self.world, "shuffle": self.shuffle,
-                "shuffle_buffer": self.shuffle_buffer, "shuffle_block": self.shuffle_block,
-                "drop_last": self.drop_last}
+        return {"epoch": self.epoch, "position": self.position, **{key: getattr(self, key) for key in _ORDER_KEYS}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from a :meth:`state_dict`: the next ``iter()`` yields the remaining batches."""
         mine = self.state_dict()
-        for key in ("seed", "units", "batch_size", "rank", "world", "shuffle", "shuffle_buffer", "shuffle_block",
-                    "drop_last"):
+        for key in _ORDER_KEYS:
             if key in state and state[key] != mine[key]:
                 raise ValueError(f"state_dict: saved with {key}={state[key]!r}, this dataset has {key}={mine[key]!r}; "
                                  "the order would differ")

@@ -13,6 +13,7 @@ import os
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Iterable
 
 import numpy as np
@@ -139,12 +140,7 @@ class Cache:
     def __init__(self, url: str | os.PathLike, *, require_complete: bool = True) -> None:
         self.location = location(url)
         self.manifest = read_manifest(self.location)
-        self._lock = threading.RLock()
-        self._layouts: dict[str, ChunkLayout] = {}
-        self._stores: dict[str, Any] = {}
-        self._admitted: OrderedDict[int, int] = OrderedDict()  # chunk -> bytes copied in
-        self._is_admitted = np.zeros(self.manifest.num_chunks, dtype=bool)  # the per-batch fast check
-        self._copied = 0
+        self._reset_reads()
         if require_complete and not self.complete:
             raise IncompleteStoreError(
                 f"cache {self.url!r} has status {self.manifest.status!r} ({self.committed_rows():,}/"
@@ -171,7 +167,7 @@ class Cache:
     def chunk_bounds(self, chunk: int) -> tuple[int, int]:
         return self.manifest.chunk_bounds(chunk)
 
-    @property
+    @cached_property
     def arrays(self) -> dict[str, sc.ArraySpec]:
         return {a.name: a for a in self.manifest.arrays}
 
@@ -243,12 +239,13 @@ class Cache:
         """Admit the chunks holding ``rows`` and ask the kernel to read them ahead (a cold page
         cache then fills with large sequential reads, not with one page fault per row).
 
-        Asked for chunks this process maps for the first time, and always for a cache too big to
-        stay in memory; a warm chunk is not asked again (the request costs ~0.3 ms per 64 MB)."""
+        Asked once per chunk in this process, and every time for a cache too big to stay in
+        memory (the request costs ~0.3 ms per 64 MB even when the pages are resident)."""
         chunks = np.unique(np.asarray(rows, dtype=np.int64) // self.chunk_rows)
         with self._lock:
             if not self._larger_than_memory:
-                chunks = chunks[~self._is_admitted[chunks]]
+                chunks = chunks[~self._announced[chunks]]
+            self._announced[chunks] = True
             self.admit(chunks)
             # runs of consecutive chunks are consecutive slots: one request each
             breaks = np.flatnonzero(np.diff(chunks) != 1) + 1
@@ -257,7 +254,7 @@ class Cache:
                     for store in self._stores.values():
                         store.willneed(int(run[0]), len(run))
 
-    @property
+    @cached_property
     def _larger_than_memory(self) -> bool:
         size = self.rows * sum(a.row_bytes for a in self.manifest.arrays)
         try:
@@ -276,7 +273,11 @@ class Cache:
         return self.arrays[name].codec.to_torch(stored)
 
     def admit(self, chunks: Iterable[int]) -> None:
-        """Make these chunks readable: check each commit record, map or copy every array's chunk."""
+        """Make these chunks readable: check each commit record, map or copy every array's chunk.
+
+        Past ``MAX_ADMITTED_CHUNKS`` the least recently admitted are dropped. Recency is refreshed
+        when a batch needs a chunk admitted again, not on every batch: the order of eviction is
+        approximate, its bound exact."""
         with self._lock:
             for chunk in chunks:
                 chunk = int(chunk)
@@ -285,9 +286,6 @@ class Cache:
                     continue
                 self._admit(chunk)
             self._evict()
-
-    # Recency is refreshed when a batch needs a chunk admitted again, not on every batch: the
-    # order of eviction is approximate, its bound exact.
 
     def _admit(self, chunk: int) -> None:
         if not 0 <= chunk < self.num_chunks:
@@ -370,15 +368,23 @@ class Cache:
 
         return zarr.open_array(self.location.zarr_store(read_only=True), path=name, mode="r")
 
+    def _reset_reads(self) -> None:
+        """No chunk admitted, nothing mapped: a new reader (or a spawned DataLoader worker)."""
+        self._lock = threading.RLock()
+        self._layouts: dict[str, ChunkLayout] = {}
+        self._stores: dict[str, Any] = {}
+        self._admitted: OrderedDict[int, int] = OrderedDict()  # chunk -> bytes copied in
+        self._is_admitted = np.zeros(self.manifest.num_chunks, dtype=bool)  # the per-batch fast check
+        self._announced = np.zeros(self.manifest.num_chunks, dtype=bool)  # read ahead once (willneed)
+        self._copied = 0
+
     def __getstate__(self) -> dict[str, Any]:  # DataLoader workers map chunks of their own
         return {"url": self.url, "manifest": self.manifest}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.location = location(state["url"])
         self.manifest = state["manifest"]
-        self._lock = threading.RLock()
-        self._layouts, self._stores, self._admitted, self._copied = {}, {}, OrderedDict(), 0
-        self._is_admitted = np.zeros(self.manifest.num_chunks, dtype=bool)
+        self._reset_reads()
 
     # --- the per-row table ------------------------------------------------------------------------
     def table(self):
