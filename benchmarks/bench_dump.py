@@ -24,8 +24,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-from kdcache.capture.dump import default_chunk_rows, dump, plan_batches  # noqa: E402
-from kdcache.config import LOGIT_DTYPES, DumpConfig  # noqa: E402
+from kdcache.capture.dump import default_chunk_rows, dump  # noqa: E402
+from kdcache.capture.layouts import plan_batches  # noqa: E402
+from kdcache.capture.kinds.base import FLOAT_VALUES as LOGIT_DTYPES  # noqa: E402
+from kdcache.config import DumpConfig  # noqa: E402
 from kdcache.fingerprint import data_fingerprint, teacher_digest  # noqa: E402
 from kdcache.sources import freeze  # noqa: E402
 
@@ -81,7 +83,7 @@ def main() -> None:
 
         def run_dump(_r: int) -> None:
             cfg = DumpConfig(teacher=f"{spec}:dump_teacher", data=f"{spec}:dump_data", out=str(store),
-                             batch_size=args.batch_size, device=str(device), dtype=args.dtype,
+                             batch_size=args.batch_size, device=str(device), values=args.dtype,
                              chunk_rows=args.chunk_rows, num_workers=args.num_workers, overwrite=True)
             result = dump(cfg, progress=False)
             assert result.rows_computed == args.rows, result

@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-from kdcache.config import LOGIT_DTYPES  # noqa: E402
+from kdcache.capture.kinds.base import FLOAT_VALUES as LOGIT_DTYPES  # noqa: E402
 from kdcache.store import schema as sc  # noqa: E402
 from kdcache.store.verify import open_for_verify, verify  # noqa: E402
 

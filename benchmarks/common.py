@@ -230,7 +230,7 @@ def make_store(path: Path, *, rows: int, classes: int, dtype: str = "float16", c
     configure_models(store_rows=rows, store_classes=classes)
     t0 = time.perf_counter()
     cfg = DumpConfig(teacher=f"{MODELS_SPEC}:store_teacher", data=f"{MODELS_SPEC}:store_data", out=str(path),
-                     batch_size=batch_size, dtype=dtype, chunk_rows=chunk_rows, device=device)
+                     batch_size=batch_size, values=dtype, chunk_rows=chunk_rows, device=device)
     result = dump(cfg, progress=False)
     print(f"store {path}: {result.action}, {result.rows} rows x {classes} {dtype}, "
           f"chunk_rows={result.manifest.chunk_rows}, {time.perf_counter() - t0:.1f} s")

@@ -129,7 +129,13 @@ def dump(
     checkpoint: Optional[str] = typer.Option(None, help="State dict for the teacher, loaded with weights_only=True."),
     batch_size: int = typer.Option(256, help="Rows per teacher forward."),
     device: str = DeviceOpt,
-    dtype: str = typer.Option("float16", help="Logit storage dtype: float16, bfloat16 or float32."),
+    logits: str = typer.Option("full", help="What is kept of the teacher's output: full (every class), topk:K (the K "
+                               "most probable, their log-probabilities and the logsumexp), sample:N or sample:N@T "
+                               "(N draws at temperature T, as unique ids and counts), or none."),
+    values: str = typer.Option("float16", "--values", "--dtype", help="How values are stored: float16, bfloat16, "
+                               "float32, or uint8[:STEP] (log-probabilities in steps of STEP nats, default 1/16)."),
+    temperatures: str = typer.Option("1", help="With topk:K, also store the logsumexp at these temperatures "
+                                     "(e.g. 1,2,4): the loss at them is then exact."),
     chunk_rows: Optional[int] = typer.Option(None, help="Rows per chunk (default: about 4 MiB of logits)."),
     num_workers: int = typer.Option(0, help="DataLoader worker processes (0: a loader thread)."),
     overwrite: bool = typer.Option(False, help="Replace an existing cache at --out."),
@@ -139,6 +145,8 @@ def dump(
     order_seed: int = typer.Option(0, help="Seed of the shuffled row order."),
     data_check: Optional[str] = typer.Option(None, help="How the data is fingerprinted: sampled (64 items, the "
                                              "default) or full (every item)."),
+    store_inputs: bool = typer.Option(False, help="Token data: keep the input ids in the cache, so `kdcache train` "
+                                      "needs no --data and no tokenizer."),
     quiet: bool = QuietOpt,
     config: Optional[Path] = ConfigOpt,
 ):
@@ -164,7 +172,8 @@ def train(
     ctx: typer.Context,
     cache: Optional[str] = typer.Option(None, help="Cache made by `kdcache dump`."),
     student: Optional[str] = typer.Option(None, help="Student spec: pkg.module:attr, file.py:attr or torchscript:PATH."),
-    data: Optional[str] = typer.Option(None, help="The dataset the cache was dumped from (inputs are joined by index)."),
+    data: Optional[str] = typer.Option(None, help="The dataset the cache was dumped from (inputs are joined by index); "
+                                       "not needed for a token cache dumped with --store-inputs."),
     out_: Optional[str] = typer.Option(None, "--out", help="Run directory: metrics.jsonl, student.pt, then summary.json "
                                        "once the run finished. Locked while a run writes it."),
     eval_data: Optional[str] = typer.Option(None, help="Labelled dataset spec to report accuracy on after each epoch."),
@@ -186,6 +195,9 @@ def train(
     teacher: Optional[str] = typer.Option(None, help="With --online, the live teacher; otherwise checked against the cache's fingerprint."),
     checkpoint: Optional[str] = typer.Option(None, help="State dict for --teacher (weights_only=True)."),
     overwrite: bool = typer.Option(False, help="Replace a finished run in --out."),
+    topk_mode: str = typer.Option("tail", help="A top-k cache: the classes beyond the top k as one more class (tail, "
+                                   "exact at the dumped temperatures) or renormalize the top k (biased: students come "
+                                   "out over-confident)."),
     quiet: bool = QuietOpt,
     config: Optional[Path] = ConfigOpt,
 ):
@@ -193,7 +205,7 @@ def train(
     from kdcache.config import TrainConfig
     from kdcache.train import train as run_train
 
-    p = _params(ctx, config, "student", "data", "out")
+    p = _params(ctx, config, "student", "out")
     quiet, overwrite = p.pop("quiet"), p.pop("overwrite")
     summary = run_train(TrainConfig(**p), progress=not quiet, overwrite=overwrite)
     final = summary["final"]
@@ -227,10 +239,15 @@ def info(
               f"({m['data']['check']})", highlight=False)
     kinds = ", ".join(f"{c['kind']} v{c['version']} {json.dumps(c['settings'])}" for c in m["capture"])
     out.print(f"capture  {escape(kinds)}  fingerprint {fps['capture'][:16]}", highlight=False)
-    table = Table("array", "shape", "dtype", "bytes", "bytes/row")
+    table = Table("array", "shape", "stored as", "bytes on disk", "bytes/row")
     for name, a in d["arrays"].items():
         shape = str(tuple(a["shape"])) if "shape" in a else ", ".join(a.get("columns", []))
-        table.add_row(name, shape, a.get("logical_dtype", "parquet"), f"{a['bytes']:,}", f"{a['bytes_per_row']:,.1f}")
+        stored = a.get("dtype", "parquet")
+        if a.get("logical_dtype", stored) != stored:
+            stored += f" → {a['logical_dtype']}"
+        if a.get("compressor"):
+            stored += f", {a['compressor']}"
+        table.add_row(name, shape, stored, f"{a['bytes']:,}", f"{a['bytes_per_row']:,.1f}")
     out.print(table)
     out.print(f"total {d['bytes']:,} bytes, {d['bytes_per_sample']:.1f} bytes per sample", highlight=False)
 

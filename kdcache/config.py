@@ -9,7 +9,6 @@ from typing import Any
 from kdcache.errors import ConfigError
 
 DEVICES = ("auto", "cpu", "cuda")
-LOGIT_DTYPES = ("float16", "bfloat16", "float32")
 ORDERS = ("shuffled", "dataset")
 DATA_CHECKS = ("sampled", "full")
 
@@ -40,7 +39,9 @@ class DumpConfig:
     checkpoint: str | None = None
     batch_size: int = 256
     device: str = "auto"
-    dtype: str = "float16"
+    values: str = "float16"  # float16, bfloat16, float32 or uint8[:STEP] (log-probabilities)
+    logits: str = "full"  # full, topk:K, sample:N[@T] or none
+    temperatures: str = "1"  # topk: logsumexp at these temperatures too
     chunk_rows: int | None = None  # None: about 4 MiB of every array together a chunk
     num_workers: int = 0
     overwrite: bool = False
@@ -48,6 +49,7 @@ class DumpConfig:
     order: str = "shuffled"  # rows hold the items in a seeded permutation, or in dataset order
     order_seed: int = 0
     data_check: str | None = None  # None: "sampled", or what a partial dump at --out used
+    store_inputs: bool = False  # token data: keep the input ids, so training needs no --data
 
     def __post_init__(self) -> None:
         _positive("--batch-size", self.batch_size)
@@ -55,7 +57,6 @@ class DumpConfig:
             _positive("--chunk-rows", self.chunk_rows)
         if not isinstance(self.num_workers, int) or self.num_workers < 0:
             raise ConfigError(f"--num-workers must be 0 or more, got {self.num_workers!r}")
-        _choice("--dtype", self.dtype, LOGIT_DTYPES)
         _choice("--order", self.order, ORDERS)
         if not isinstance(self.order_seed, int) or isinstance(self.order_seed, bool) or not 0 <= self.order_seed < 2**63:
             raise ConfigError(f"--order-seed must be an integer in [0, 2**63), got {self.order_seed!r}")
@@ -66,9 +67,9 @@ class DumpConfig:
 
     def captures(self) -> list:
         """The capture kinds this dump runs (what is stored, one class each)."""
-        from kdcache.capture.kinds import Dense
+        from kdcache.capture.kinds import parse_logits
 
-        return [Dense(self.dtype)]
+        return parse_logits(self.logits, self.values, self.temperatures)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -77,7 +78,7 @@ class DumpConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     student: str
-    data: str
+    data: str | None  # None: the cache holds its inputs (a token cache dumped with --store-inputs)
     out: str
     cache: str | None = None
     eval_data: str | None = None
@@ -96,6 +97,7 @@ class TrainConfig:
     shuffle_buffer: int = 65536  # rows permuted together
     drop_last: bool = False  # drop each epoch's last partial batch (BatchNorm cannot train on one row)
     log_every: int = 50  # steps between reads of the training loss (a host sync each)
+    topk_mode: str = "tail"  # top-k targets: the rest of the mass as one class ("tail"), or "renormalize"
 
     def __post_init__(self) -> None:
         _positive("--epochs", self.epochs)
@@ -118,6 +120,7 @@ class TrainConfig:
             raise ConfigError(f"--seed must be an integer in [0, 2**63), got {self.seed!r}")
         if not _device_ok(self.device):
             raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N; got {self.device!r}")
+        _choice("--topk-mode", self.topk_mode, ("tail", "renormalize"))
         if self.online and not self.teacher:
             raise ConfigError("--online needs --teacher SPEC (the teacher to run live)")
         if not self.online and not self.cache:

@@ -25,7 +25,7 @@ import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
 import kdcache
-from kdcache.capture.outputs import call_model, extract_logits, to_device
+from kdcache.capture.outputs import call_model, extract_logits, extract_token_logits, to_device
 from kdcache.config import TrainConfig, pick_device
 from kdcache.errors import ConfigError, DataError, NonFiniteLossError
 from kdcache.fingerprint import teacher_fingerprint
@@ -34,6 +34,7 @@ from kdcache.losses import kd_loss
 from kdcache.progress import progress_bar
 from kdcache.sources import freeze, load_dataset, load_module
 from kdcache.sources.items import NO_LABEL, collate_items, split_item
+from kdcache.sources.tokens import IDS, MASK, is_token_item, next_token_labels, pad, tokens
 from kdcache.store.fs import Location
 from kdcache.store.lock import Lock
 
@@ -50,10 +51,13 @@ def train(cfg: TrainConfig, progress: bool = True, overwrite: bool = False) -> d
     _refuse_distributed_env()
     _check_out(cfg.out, overwrite)
     device = pick_device(cfg.device)
-    data = _load_data(cfg.data, "--data")
+    data = _load_data(cfg.data, "--data") if cfg.data else None
     eval_data = _load_data(cfg.eval_data, "--eval-data") if cfg.eval_data else None
 
     cache = kdcache.open(cfg.cache) if cfg.cache else None
+    if data is None and (cache is None or "inputs/input_ids" not in cache.arrays):
+        why = "the cache holds no inputs (dump it with --store-inputs)" if cache is not None else "a run reads its inputs"
+        raise ConfigError(f"--data is required (give it as a flag or in --config): {why}")
     teacher = None
     if cfg.teacher:
         teacher = freeze(load_module(cfg.teacher, "--teacher", cfg.checkpoint))
@@ -65,7 +69,7 @@ def train(cfg: TrainConfig, progress: bool = True, overwrite: bool = False) -> d
     source = cache if cache is not None else DatasetRows(len(data))
     dataset = CacheDataset(source, data, batch_size=cfg.batch_size, seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer,
                            drop_last=cfg.drop_last, rank=0, world=1,  # one process (_refuse_distributed_env)
-                           targets=() if cfg.online else ("logits",))
+                           targets=() if cfg.online else None, topk_mode=cfg.topk_mode)
     loader = make_loader(dataset, num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
 
     torch.manual_seed(cfg.seed)  # the student's initial weights depend on the seed only
@@ -116,15 +120,18 @@ def _train_epoch(epoch: int, student: torch.nn.Module, teacher: torch.nn.Module 
         if cfg.alpha < 1:  # the hard term reads the labels
             _check_labels(batch["label"], batch["index"], classes, "--data")
         x = to_device(batch["input"], device)  # (B, ...)
-        y = batch["label"].to(device, non_blocking=True)  # (B,)
-        t = _targets(batch, teacher, x, len(y), device, at)  # (B, C)
-        s = _logits(student, x, len(y), "--student", f"the student's forward pass failed {at}")  # (B, C)
-        loss = kd_loss(s, t, y, temperature=cfg.temperature, alpha=cfg.alpha)
+        y = batch["label"].to(device, non_blocking=True)  # (B,) or tokens (B, L)
+        mask = batch.get("mask")  # tokens: (B, L), False at padding
+        n = len(y) if mask is None else int(mask.sum())  # on the host, where the batch is
+        mask = None if mask is None else mask.to(device, non_blocking=True)
+        t = _targets(batch, teacher, x, y.shape, device, at)  # (B, C) logits, or a targets object
+        s = _logits(student, x, y.shape, "--student", f"the student's forward pass failed {at}")  # (B, [L,] C)
+        loss = kd_loss(s, t, y, temperature=cfg.temperature, alpha=cfg.alpha, mask=mask)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        loss_sum += loss.detach() * len(y)
-        rows += len(y)
+        loss_sum += loss.detach() * n
+        rows += n
         if step % cfg.log_every == 0:
             mean = _mean_loss(loss_sum, rows, epoch, checked + 1, step, cfg)
             bar.update(task, description=_progress_text(epoch, cfg, mean))
@@ -210,25 +217,26 @@ def _check_student(student: torch.nn.Module, teacher: torch.nn.Module | None, da
     """
     plan = dataset.plan(0)
     batch = dataset.batch(plan.batch(0))
-    rows = len(batch["index"])
+    shape = batch["label"].shape  # (B,) or tokens (B, L)
     x = to_device(batch["input"], device)
     student.eval()
     with torch.no_grad(), _batchnorm_inputs(student) as batchnorm_values:
-        t = _targets(batch, teacher, x, rows, device, "on the first batch of --data")
-        s = _logits(student, x, rows, "--student", "the student's forward pass failed on the first batch of --data")
-    if s.shape[1] != t.shape[1]:
-        source = (f"the cache's teacher logits (--cache {cfg.cache})" if teacher is None
+        t = _targets(batch, teacher, x, shape, device, "on the first batch of --data")
+        s = _logits(student, x, shape, "--student", "the student's forward pass failed on the first batch of --data")
+    width = t.shape[-1] if isinstance(t, torch.Tensor) else dataset.source.manifest.classes
+    if s.shape[-1] != width:
+        source = (f"the cache's teacher (--cache {cfg.cache})" if teacher is None
                   else f"the live teacher's output (--teacher {cfg.teacher})")
-        raise ConfigError(f"--student {cfg.student}: expected {t.shape[1]} classes per row, as in {source}, "
-                          f"got {s.shape[1]} classes instead")
+        raise ConfigError(f"--student {cfg.student}: expected {width} classes per row, as in {source}, "
+                          f"got {s.shape[-1]} classes instead")
     if cfg.alpha < 1:
-        _check_labels(batch["label"], batch["index"], s.shape[1], "--data")
+        _check_labels(batch["label"], batch["index"], s.shape[-1], "--data")
     last_rows = plan.rank_units - (plan.num_batches - 1) * plan.batch_size
     if last_rows == 1 and 1 in batchnorm_values:
         raise ConfigError(f"--student {cfg.student}: BatchNorm cannot train on a batch of one row, and each epoch's "
                           f"last batch holds one ({dataset.units} rows, --batch-size {cfg.batch_size}); pass "
                           "--drop-last to drop it")
-    return s.shape[1]
+    return s.shape[-1]
 
 @contextlib.contextmanager
 def _batchnorm_inputs(model: torch.nn.Module):
@@ -251,7 +259,12 @@ def _batchnorm_inputs(model: torch.nn.Module):
 def _check_eval_data(student: torch.nn.Module, data, cfg: TrainConfig, device: torch.device) -> None:
     """Run the first batch of --eval-data through the student before anything is written: its
     items must batch, the student must take them, their labels must be classes it has. And some
-    item must have a label: items are read on until one has (all of them only when none has)."""
+    item must have a label: items are read on until one has (all of them only when none has).
+    Token data is checked by evaluating its first batch."""
+    if is_token_item(_read_item(data, 0, "--eval-data")):
+        _evaluate_tokens(student, torch.utils.data.Subset(data, range(min(cfg.batch_size, len(data)))), device,
+                         cfg.batch_size)
+        return
     indices = list(range(min(cfg.batch_size, len(data))))
     student.eval()
     with torch.no_grad():
@@ -276,17 +289,19 @@ def _check_labels(labels: torch.Tensor, items, classes: int, flag: str) -> None:
 
 
 # --- forward passes -----------------------------------------------------------------------------
-def _targets(batch: dict[str, Any], teacher: torch.nn.Module | None, x: Any, rows: int, device: torch.device,
-             at: str) -> torch.Tensor:
-    """The teacher's [B, C] logits for a batch: the cached ones, or (online) the live teacher's."""
+def _targets(batch: dict[str, Any], teacher: torch.nn.Module | None, x: Any, shape: torch.Size,
+             device: torch.device, at: str) -> Any:
+    """The teacher's targets for a batch: the cached ones (dense, top-k or sampled), or (online)
+    the live teacher's logits."""
     if teacher is None:
-        return batch["logits"].to(device, non_blocking=True)
+        return batch["targets"].to(device, non_blocking=True)
     with torch.no_grad():
-        return _logits(teacher, x, rows, "--teacher", f"the teacher's forward pass failed {at}")
+        return _logits(teacher, x, shape, "--teacher", f"the teacher's forward pass failed {at}")
 
-def _logits(model: torch.nn.Module, x: Any, rows: int, flag: str, failed: str) -> torch.Tensor:
-    """``model(x)`` as [rows, C] logits. An exception of the model's own code is the user's input at
-    fault, not a kdcache bug: it becomes one line, ``flag: failed: Error: message``."""
+def _logits(model: torch.nn.Module, x: Any, shape: torch.Size, flag: str, failed: str) -> torch.Tensor:
+    """``model(x)`` as logits of the batch's ``shape``: [B, C], or [B, L, V] for token data. An
+    exception of the model's own code is the user's input at fault, not a kdcache bug: it
+    becomes one line, ``flag: failed: Error: message``."""
     try:
         output = call_model(model, x)
     except Exception as e:  # noqa: BLE001 - any exception of the user's model
@@ -294,7 +309,9 @@ def _logits(model: torch.nn.Module, x: Any, rows: int, flag: str, failed: str) -
             raise ConfigError(f"{flag}: {failed}: BatchNorm cannot train on a batch of one row; pass --drop-last "
                               "to drop each epoch's last partial batch") from None
         raise ConfigError(f"{flag}: {failed}: {_one_line(e)}") from None
-    return extract_logits(output, rows, flag)
+    if len(shape) == 2:
+        return extract_token_logits(output, shape[0], flag)
+    return extract_logits(output, shape[0], flag)
 
 def _one_line(e: Exception, limit: int = 400) -> str:
     """``Type: message`` on one line (torch's messages span several), at most ``limit`` characters."""
@@ -305,10 +322,13 @@ def _one_line(e: Exception, limit: int = 400) -> str:
 # --- evaluation ---------------------------------------------------------------------------------
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, data, device: torch.device, batch_size: int = 256) -> dict[str, float]:
-    """Accuracy and cross-entropy over the labelled items of ``data`` (--eval-data).
+    """Accuracy and cross-entropy over the labelled items of ``data`` (--eval-data); for token
+    data, over every next-token prediction, with the perplexity.
 
     Summed on the device and read once at the end: a host sync per batch would stall a GPU.
     """
+    if is_token_item(_read_item(data, 0, "--eval-data")):
+        return _evaluate_tokens(model, data, device, batch_size)
     model.eval()
     correct = torch.zeros((), dtype=torch.int64, device=device)
     ce = torch.zeros((), dtype=torch.float64, device=device)
@@ -323,6 +343,31 @@ def evaluate(model: torch.nn.Module, data, device: torch.device, batch_size: int
     if total == 0:
         raise DataError("--eval-data: no item has a label; evaluation needs labels")
     return {"eval_accuracy": correct.item() / total, "eval_loss": ce.item() / total}
+
+def _evaluate_tokens(model: torch.nn.Module, data, device: torch.device, batch_size: int) -> dict[str, float]:
+    """Next-token cross-entropy (nats per token), perplexity and accuracy over token data."""
+    model.eval()
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    ce = torch.zeros((), dtype=torch.float64, device=device)
+    total = 0
+    for start in range(0, len(data), batch_size):
+        indices = range(start, min(start + batch_size, len(data)))
+        ids, mask = pad([tokens(_read_item(data, i, "--eval-data"), i, "--eval-data") for i in indices])
+        labels = next_token_labels(ids, mask)  # (B, L), -1 where there is no next token
+        total += int((labels != NO_LABEL).sum())
+        x = to_device({IDS: ids, MASK: mask}, device)
+        logits = _logits(model, x, labels.shape, "--eval-data",
+                         f"the student's forward pass failed on items {indices[0]}..{indices[-1]}").float()
+        _check_labels(labels, list(indices), logits.shape[-1], "--eval-data")
+        y = labels.to(device, non_blocking=True)
+        correct += (logits.argmax(-1) == y).sum()
+        ce += torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=NO_LABEL,
+                                                reduction="sum")
+    model.train()
+    if total == 0:
+        raise DataError("--eval-data: no sequence has two tokens; next-token evaluation needs them")
+    loss = ce.item() / total
+    return {"eval_accuracy": correct.item() / total, "eval_loss": loss, "eval_perplexity": math.exp(min(loss, 700))}
 
 def _eval_batch(model: torch.nn.Module, data, indices: list[int],
                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

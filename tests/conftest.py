@@ -105,7 +105,7 @@ def digits_cache(tmp_path_factory, models_file) -> Path:
 
     out = tmp_path_factory.mktemp("caches") / "digits.zarr"
     dump(DumpConfig(teacher=f"{models_file}:teacher", data="kdcache.datasets:digits_train", out=str(out),
-                    chunk_rows=128, batch_size=50, dtype="float32"), progress=False)
+                    chunk_rows=128, batch_size=50, values="float32"), progress=False)
     return out
 
 

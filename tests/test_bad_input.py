@@ -72,6 +72,13 @@ EXTRA_DATA = textwrap.dedent(
 
     def flat_teacher():
         return torch.nn.Sequential(torch.nn.Linear(64, 10), torch.nn.Unflatten(1, (2, 5)))
+
+    class _Uniform(torch.nn.Module):
+        def forward(self, x):
+            return torch.zeros(x.shape[0], 10)
+
+    def flat_logits():  # a uniform teacher: every class has probability 0.1, log-probability -2.3
+        return _Uniform()
     """
 )
 
@@ -196,7 +203,22 @@ CASES = [
          "train", code=2),
     # --- flags -------------------------------------------------------------------------------------
     Case("dump-batch-size-0", dump("--batch-size", "0"), ("--batch-size must be a positive integer",), OUT, code=2),
-    Case("dump-dtype-int8", dump("--dtype", "int8"), ("--dtype must be one of", "'int8'"), OUT, code=2),
+    Case("dump-dtype-int8", dump("--dtype", "int8"), ("--values: expected float16", "got 'int8'"), OUT, code=2),
+    Case("dump-values-uint8-bad-step", dump("--values", "uint8:0"), ("--values: expected", "got 'uint8:0'"), OUT,
+         code=2),
+    Case("dump-logits-unknown", dump("--logits", "top5"), ("--logits: expected full, topk:K", "'top5'"), OUT, code=2),
+    Case("dump-topk-0", dump("--logits", "topk:0"), ("--logits topk:K: expected K >= 1", "got 0"), OUT, code=2),
+    Case("dump-topk-beyond-the-classes", dump("--logits", "topk:11"),
+         ("--logits topk:11: the teacher has only 10 classes",), OUT, code=2),
+    Case("dump-sample-0", dump("--logits", "sample:0"), ("--logits sample:N: expected 1 <= N", "got 0"), OUT, code=2),
+    Case("dump-sample-bad-temperature", dump("--logits", "sample:8@0"), ("proposal temperature T > 0",), OUT, code=2),
+    Case("dump-temperatures-without-topk", dump("--temperatures", "1,2"), ("--temperatures: only --logits topk:K",),
+         OUT, code=2),
+    Case("dump-temperatures-bad", dump("--logits", "topk:2", "--temperatures", "1,x"), ("--temperatures: expected",),
+         OUT, code=2),
+    Case("dump-values-cannot-hold-the-teacher", dump("--values", "uint8:0.001", teacher="{e.extra_data}:flat_logits"),
+         ("--teacher: the output for dataset item", "below what --values uint8:0.001 holds", "coarser step"), OUT,
+         code=1),
     Case("dump-device-tpu", dump("--device", "tpu"), ("--device must be", "'tpu'"), OUT, code=2),
     Case("dump-chunk-rows-negative", dump("--chunk-rows", "-1"), ("--chunk-rows must be a positive integer",), OUT,
          code=2),
@@ -237,7 +259,7 @@ CASES = [
     Case("teacher-output-nan-row-137", dump(data="{e.datasets}:nan_at_137"),
          ("dataset item 137", "is NaN or +inf", "no chunk was committed"), OUT, code=1, subprocess=True),
     Case("teacher-output-float16-overflow-row-40", dump(data="{e.datasets}:huge_at_40"),
-         ("dataset item 40", "overflows float16", "--dtype bfloat16"), OUT, code=1),
+         ("dataset item 40", "overflows float16", "--values bfloat16"), OUT, code=1),
     Case("teacher-output-not-b-by-c", dump(teacher="{e.extra_data}:flat_teacher"),
          ("--teacher", "shape (1, 2, 5)", "expected floating-point logits"), OUT, code=1),
     # --- output paths ------------------------------------------------------------------------------
@@ -298,7 +320,7 @@ def env(tmp_path_factory, models_file, datasets_file) -> SimpleNamespace:
     e.small = str(root / "small.py")
     small_cache = root / "small.zarr"
     run_dump(DumpConfig(teacher=e.teacher, data=f"{e.small}:data", out=str(small_cache), chunk_rows=32,
-                        dtype="float32", device="cpu"), progress=False)
+                        values="float32", device="cpu"), progress=False)
     e.cache = str(small_cache)
     (root / "extra_data.py").write_text(EXTRA_DATA)
     e.extra_data = str(root / "extra_data.py")

@@ -135,7 +135,9 @@ def test_info_json(configured):
     assert proc.returncode == 0, proc.stderr
     d = json.loads(proc.stdout)
     assert set(d["arrays"]) == {"index", "label", "logits", "table"}
-    assert d["arrays"]["logits"]["bytes_per_row"] == 20 and d["arrays"]["table"]["columns"][0] == "index"
+    logits = d["arrays"]["logits"]
+    assert logits["bytes_per_row"] == logits["bytes"] / 100 >= 20  # on disk (the last chunk is padded)
+    assert d["arrays"]["table"]["columns"][0] == "index"
     assert d["arrays"]["logits"]["shape"] == [100, 10] and d["arrays"]["logits"]["dtype"] == "float16"
     assert all(isinstance(a["bytes"], int) and a["bytes"] > 0 for a in d["arrays"].values())
     assert d["bytes"] == sum(a["bytes"] for a in d["arrays"].values())

@@ -153,7 +153,7 @@ def test_an_overwrite_under_a_reader_is_a_clear_error(tmp_path, models_file, mon
     monkeypatch.setattr(reader_module, "MAX_ADMITTED_CHUNKS", 2)
     reader = kdcache.open(out)
     reader.read("logits", 0, 128)  # a reader with room for two chunks has mapped chunk 0 only
-    dump(DumpConfig(**{**cfg.__dict__, "dtype": "float32", "overwrite": True}), progress=False)
+    dump(DumpConfig(**{**cfg.__dict__, "values": "float32", "overwrite": True}), progress=False)
 
     with pytest.raises(StaleChunkError, match="overwritten since it was opened"):
         next(iter(trainer))  # the next epoch starts by checking the generation

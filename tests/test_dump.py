@@ -11,7 +11,8 @@ import torch
 import zarr
 
 import kdcache
-from kdcache.capture.dump import dump, plan_batches
+from kdcache.capture.dump import dump
+from kdcache.capture.layouts import plan_batches
 from kdcache.config import DumpConfig
 from kdcache.datasets import digits_train
 from kdcache.errors import ConfigError, DataError, FingerprintMismatchError, StoreError, TeacherOutputError
@@ -37,7 +38,7 @@ def test_store_layout_readable_without_kdcache(digits_cache, models_file):
     assert m["chunk_rows"] == 128 and m["order"] == {"shuffle": True, "seed": 0} and len(m["generation"]) == 32
     assert set(m["teacher"]) >= {"spec", "digest", "weights", "code"}
     assert set(m["data"]) == {"spec", "length", "fingerprint", "check"}
-    assert m["capture"] == [{"kind": "logits", "version": 1, "settings": {"dtype": "float32"}}]
+    assert m["capture"] == [{"kind": "logits", "version": 1, "settings": {"values": "float32"}}]
     assert [a["name"] for a in m["arrays"]] == ["index", "label", "logits"]
     assert set(m["created_with"]) == {"kdcache", "torch", "zarr"}
     index = g["index"][:]
@@ -51,7 +52,7 @@ def test_store_layout_readable_without_kdcache(digits_cache, models_file):
 
 def test_dataset_order_keeps_rows_in_dataset_order(tmp_path, models_file):
     out = tmp_path / "c.zarr"
-    dump(_cfg(models_file, out, order="dataset", dtype="float32"), progress=False)
+    dump(_cfg(models_file, out, order="dataset", values="float32"), progress=False)
     cache = kdcache.open(out)
     assert cache.read("index").tolist() == list(range(1258)) and cache.manifest.order.shuffle is False
     np.testing.assert_allclose(cache.read("logits"), _teacher_logits(models_file).numpy(), rtol=1e-5, atol=1e-5)
@@ -92,7 +93,7 @@ def test_commit_record_per_chunk(digits_cache):
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_half_dtypes(tmp_path, models_file, dtype):
-    dump(_cfg(models_file, tmp_path / "c.zarr", dtype=dtype), progress=False)
+    dump(_cfg(models_file, tmp_path / "c.zarr", values=dtype), progress=False)
     cache = kdcache.open(tmp_path / "c.zarr")
     raw = cache.read("logits")
     got = cache.tensor("logits", raw)
@@ -105,7 +106,7 @@ def test_half_dtypes(tmp_path, models_file, dtype):
 
 
 def test_worker_processes_give_identical_bytes(tmp_path, models_file, digits_cache):
-    dump(_cfg(models_file, tmp_path / "w.zarr", num_workers=2, dtype="float32"), progress=False)
+    dump(_cfg(models_file, tmp_path / "w.zarr", num_workers=2, values="float32"), progress=False)
     a, b = kdcache.open(tmp_path / "w.zarr"), kdcache.open(digits_cache)
     for name in ("index", "label", "logits"):
         np.testing.assert_array_equal(a.read(name), b.read(name))
@@ -116,11 +117,11 @@ def test_reuse_refuse_and_overwrite(tmp_path, models_file):
     assert dump(_cfg(models_file, out), progress=False).action == "new"
     assert dump(_cfg(models_file, out), progress=False).action == "reuse"
     with pytest.raises(FingerprintMismatchError, match="capture fingerprint differs"):
-        dump(_cfg(models_file, out, dtype="float32"), progress=False)
+        dump(_cfg(models_file, out, values="float32"), progress=False)
     with pytest.raises(FingerprintMismatchError, match="data fingerprint differs"):
         dump(_cfg(models_file, out, data="kdcache.datasets:digits_test"), progress=False)
-    r = dump(_cfg(models_file, out, dtype="float32", overwrite=True), progress=False)
-    assert r.action == "new" and kdcache.open(out).manifest.capture[0].settings == {"dtype": "float32"}
+    r = dump(_cfg(models_file, out, values="float32", overwrite=True), progress=False)
+    assert r.action == "new" and kdcache.open(out).manifest.capture[0].settings == {"values": "float32"}
 
 
 def test_same_weights_other_code_is_not_reused(tmp_path):
@@ -180,7 +181,7 @@ def test_nan_names_the_item_and_nothing_is_marked_complete(tmp_path, models_file
 
 
 def test_float16_overflow_is_reported(tmp_path, models_file, datasets_file):
-    with pytest.raises(TeacherOutputError, match=r"dataset item 40 .*overflows float16.*--dtype bfloat16"):
+    with pytest.raises(TeacherOutputError, match=r"dataset item 40 .*overflows float16.*--values bfloat16"):
         dump(_cfg(models_file, tmp_path / "c.zarr", data=f"{datasets_file}:huge_at_40"), progress=False)
 
 
@@ -193,7 +194,7 @@ def test_minus_inf_logits_are_kept(tmp_path):
     out = tmp_path / "c.zarr"
     for dtype in ("float16", "bfloat16", "float32"):
         dump(DumpConfig(teacher=f"{tmp_path / 'm.py'}:teacher", data="kdcache.datasets:digits_train",
-                        out=str(out), dtype=dtype, overwrite=True), progress=False)
+                        out=str(out), values=dtype, overwrite=True), progress=False)
         cache = kdcache.open(out)
         logits = cache.tensor("logits", cache.read("logits")).float()
         assert torch.isneginf(logits[:, 3]).all() and torch.isfinite(logits[:, :3]).all()
@@ -275,7 +276,7 @@ def test_chunk_rows_too_big_for_memory_is_a_config_error(tmp_path):
     (tmp_path / "m.py").write_text("import torch\nfrom torch import nn\ndef teacher():\n    return nn.Linear(64, 300000)\n")
     with pytest.raises(ConfigError, match="--chunk-rows 1258: a chunk would hold 1.4 GiB"):
         dump(DumpConfig(teacher=f"{tmp_path / 'm.py'}:teacher", data="kdcache.datasets:digits_train",
-                        out=str(tmp_path / "c.zarr"), chunk_rows=1258, dtype="float32"), progress=False)
+                        out=str(tmp_path / "c.zarr"), chunk_rows=1258, values="float32"), progress=False)
 
 
 def test_unlabelled_and_dict_items(tmp_path, models_file, datasets_file):

@@ -47,7 +47,7 @@ def _dump(tmp, dtype: str = "float32", **kw) -> kdcache.Cache:
     (tmp / "models.py").write_text(MODELS)
     out = tmp / f"{dtype}.zarr"
     dump(DumpConfig(teacher=f"{tmp / 'models.py'}:teacher", data="kdcache.datasets:digits_train", out=str(out),
-                    chunk_rows=CHUNK_ROWS, batch_size=64, dtype=dtype, **kw), progress=False)
+                    chunk_rows=CHUNK_ROWS, batch_size=64, values=dtype, **kw), progress=False)
     return kdcache.open(out)
 
 

@@ -93,7 +93,7 @@ def _write_lock(out: Path, content: bytes) -> None:
 
 def _cfg(models_file, out, **kw):
     return DumpConfig(**{**dict(teacher=f"{models_file}:teacher", data="kdcache.datasets:digits_train", out=str(out),
-                                chunk_rows=128, batch_size=50, dtype="float32"), **kw})
+                                chunk_rows=128, batch_size=50, values="float32"), **kw})
 
 
 def test_second_dump_into_a_store_being_written_is_refused(slow_module, tmp_path):

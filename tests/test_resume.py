@@ -481,7 +481,7 @@ def test_resume_repairs_a_damaged_group_zarr_json(digits_cache, models_file, tmp
     make_partial(out, keep=6)
     (out / "zarr.json").write_text('{"zarr_format": 3, "node_t')
     result = dump(DumpConfig(teacher=f"{models_file}:teacher", data="kdcache.datasets:digits_train", out=str(out),
-                             chunk_rows=128, batch_size=50, dtype="float32"), progress=False)
+                             chunk_rows=128, batch_size=50, values="float32"), progress=False)
     assert result.action == "resume" and result.rows_computed == 1258 - 6 * 128
     group = zarr.open_group(str(out), mode="r")
     assert group.attrs["kdcache"]["status"] == "complete"

@@ -31,7 +31,7 @@ def test_a_torchscript_teacher_dumps_and_trains(scripted, models_file):
     root, model = scripted
     out = root / "c.zarr"
     spec = f"torchscript:{root / 'teacher.pt'}"
-    dump(DumpConfig(teacher=spec, data="kdcache.datasets:digits_train", out=str(out), dtype="float32"),
+    dump(DumpConfig(teacher=spec, data="kdcache.datasets:digits_train", out=str(out), values="float32"),
          progress=False)
     cache = kdcache.open(out)
     from kdcache.datasets import digits_train

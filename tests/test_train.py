@@ -63,7 +63,7 @@ def test_cached_and_online_runs_give_the_same_student(tmp_path, models_file, dig
 def test_online_without_a_cache_matches_a_cache_with_the_same_blocks(tmp_path, models_file):
     cache = tmp_path / "c.zarr"  # DatasetRows shuffles in blocks of 1024 rows: dump with that chunk size
     dump(DumpConfig(teacher=f"{models_file}:teacher", data=DATA, out=str(cache), chunk_rows=1024,
-                    dtype="float32"), progress=False)
+                    values="float32"), progress=False)
     train(_cfg(models_file, tmp_path / "cached", cache=str(cache)), progress=False)
     train(_cfg(models_file, tmp_path / "online", online=True, teacher=f"{models_file}:teacher"), progress=False)
     a, b = _weights(tmp_path / "cached"), _weights(tmp_path / "online")

@@ -207,7 +207,7 @@ def test_corrupted_group_metadata(fresh):
 def test_bfloat16_cache_with_a_partial_last_chunk(models_file, tmp_path):
     out = tmp_path / "bf16.zarr"
     dump(DumpConfig(teacher=f"{models_file}:teacher", data="kdcache.datasets:digits_train", out=str(out),
-                    chunk_rows=100, batch_size=64, dtype="bfloat16"), progress=False)
+                    chunk_rows=100, batch_size=64, values="bfloat16"), progress=False)
     cache = kdcache.open(out)
     spec = cache.arrays["logits"]
     assert (spec.dtype, spec.shape, spec.logical_dtype) == ("uint16", (ROWS, 10), "bfloat16")

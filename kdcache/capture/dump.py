@@ -6,10 +6,11 @@ each capture kind reduce its output on the teacher's device, and a writer thread
 into whole chunks and commits them. On CUDA, batches arrive in pinned memory and both copies are
 non-blocking; the writer waits on a CUDA event, not on the stream.
 
-Rows hold the dataset's items in a seeded permutation (:class:`~kdcache.store.schema.RowOrder`):
-a class-sorted dataset (ImageFolder) is stored well mixed, so any run of rows is a uniform sample.
-Batches never straddle chunks and start at fixed offsets inside each chunk, so a resumed dump
-computes every chunk from exactly the same items as an uninterrupted one.
+A row is a dataset item, or a token of token data (:mod:`kdcache.capture.layouts`). Items are
+stored in a seeded permutation (:class:`~kdcache.store.schema.RowOrder`): a class-sorted dataset
+(ImageFolder) is stored well mixed, so any run of rows is a uniform sample. Batches never straddle
+chunks and start at fixed offsets inside each chunk, so a resumed dump computes every chunk from
+exactly the same items as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -27,23 +28,22 @@ from torch.utils.data import DataLoader
 
 import kdcache
 from kdcache.capture.kinds import Capture
-from kdcache.capture.outputs import call_model, extract_logits, row_stats, to_device
+from kdcache.capture.layouts import Rows, SampleRows, Step, TokenRows
+from kdcache.capture.outputs import call_model, to_device
 from kdcache.config import DumpConfig, pick_device
 from kdcache.errors import ConfigError, DataError, KDCacheError, StoreError, TeacherOutputError
 from kdcache.fingerprint import data_fingerprint, teacher_fingerprint
 from kdcache.progress import progress_bar
 from kdcache.sources import freeze, load_dataset, load_module
-from kdcache.sources.items import NO_LABEL, fetch_batch
-from kdcache.store import schema as sc
+from kdcache.sources.tokens import is_token_item, lengths as token_lengths
 from kdcache.store.reader import location, survey
-from kdcache.store.schema import ArraySpec, DataInfo, Manifest, RowOrder, TeacherInfo
+from kdcache.store.schema import CaptureSpec, DataInfo, Manifest, RowOrder, TeacherInfo
 from kdcache.store.writer import Writer
 
 PREFETCH_BATCHES = 4
 WRITE_QUEUE_BATCHES = 16
 CHUNK_TARGET_BYTES = 4 << 20
 MAX_CHUNK_BYTES = 1 << 30
-TABLE_COLUMNS = ("index", "label", "teacher_top1", "teacher_prob", "entropy", "margin")
 
 
 @dataclass(frozen=True)
@@ -56,15 +56,6 @@ class DumpResult:
     manifest: Manifest
 
 
-def plan_batches(chunks: list[int], rows: int, chunk_rows: int, batch_size: int) -> list[tuple[int, int, int]]:
-    """``(chunk, start, stop)`` row ranges: whole chunks split at fixed offsets, never across chunks."""
-    plan = []
-    for chunk in chunks:
-        c0, c1 = sc.chunk_bounds(chunk, rows, chunk_rows)
-        plan.extend((chunk, s, min(s + batch_size, c1)) for s in range(c0, c1, batch_size))
-    return plan
-
-
 def default_chunk_rows(row_bytes: int, rows: int, target: int = CHUNK_TARGET_BYTES) -> int:
     """Rows per chunk so a chunk of every array together holds about ``target`` bytes: a power
     of two in 256…65536, and never more than the dataset (a small dataset is one chunk)."""
@@ -72,19 +63,12 @@ def default_chunk_rows(row_bytes: int, rows: int, target: int = CHUNK_TARGET_BYT
     return min(int(min(65536, max(256, 2 ** int(np.log2(fit))))), rows)
 
 
-def base_arrays(rows: int) -> list[ArraySpec]:
-    """``index`` (the dataset item each row holds) and ``label`` (-1: none): in every cache."""
-    return [ArraySpec("index", (rows,), "int64", ("row",), sc.NO_INDEX),
-            ArraySpec("label", (rows,), "int64", ("row",), sc.NO_INDEX)]
-
-
 def dump(cfg: DumpConfig, progress: bool = True) -> DumpResult:
     t0 = time.perf_counter()
     device = pick_device(cfg.device)
     teacher = freeze(load_module(cfg.teacher, "--teacher", cfg.checkpoint))
     dataset = load_dataset(cfg.data, "--data")
-    rows = len(dataset)
-    if rows == 0:
+    if len(dataset) == 0:
         raise DataError(f"--data: {cfg.data!r} is empty; nothing to dump")
     kinds = cfg.captures()
     order = RowOrder(shuffle=cfg.order == "shuffled", seed=cfg.order_seed)
@@ -95,40 +79,65 @@ def dump(cfg: DumpConfig, progress: bool = True) -> DumpResult:
     check = cfg.data_check or (existing.data.check if existing is not None else "sampled")
     fp = teacher_fingerprint(teacher, cfg.checkpoint)
     data_fp = _data_fingerprint(dataset, check, progress)
+    layout = _layout(dataset, order, cfg.store_inputs, progress)
     teacher = teacher.to(device)
 
-    # Probe one row: the output width sets the arrays and the chunk size before anything is written.
-    _, _, _, item_ids, _, inputs0 = next(iter(_batches(dataset, [(0, 0, 1)], order, rows, 0, False)))
+    # Probe the first item: the output width sets the arrays and the chunk size before anything is written.
+    probe_step = Step(0, 0, 0, (int(order.items(np.zeros(1, np.int64), len(dataset))[0]),))
+    inputs0, _ = layout.fetch(probe_step)
     with torch.inference_mode():
-        probe = _teacher_logits(teacher, inputs0, device, item_ids.tolist())
-    classes = probe.shape[1]
-    arrays = base_arrays(rows) + [a for k in kinds for a in k.declare(probe, rows)]
+        probe = layout.probe_logits(_forward(teacher, inputs0, device, probe_step.items), 1)
+    arrays = layout.arrays(cfg.store_inputs) + [a for k in kinds for a in k.declare(probe, layout.rows)]
+    row_bytes = sum(a.row_bytes for a in arrays if a.axis == "row")
     manifest = Manifest(
-        rows=rows, chunk_rows=_chunk_rows(cfg, sum(a.row_bytes for a in arrays), rows, existing), order=order,
+        rows=layout.rows, chunk_rows=_chunk_rows(cfg, row_bytes, layout.rows, existing), order=order,
+        sequences=layout.sequences, classes=probe.shape[-1],
         teacher=TeacherInfo(spec=cfg.teacher, checkpoint=cfg.checkpoint, digest=fp.digest, weights=fp.weights,
                             code=fp.code),
-        data=DataInfo(spec=cfg.data, length=rows, fingerprint=data_fp, check=check),
-        capture=tuple(k.spec() for k in kinds),
+        data=DataInfo(spec=cfg.data, length=len(dataset), fingerprint=data_fp, check=check),
+        capture=tuple(k.spec() for k in kinds) + (_inputs_spec(),) * cfg.store_inputs,
         created_with={"kdcache": kdcache.__version__, "torch": torch.__version__, "zarr": _zarr_version()},
     )
 
     writer = Writer.begin(cfg.out, manifest, overwrite=cfg.overwrite, resume=cfg.resume)
     if writer is None:
-        return DumpResult("reuse", cfg.out, rows, 0, time.perf_counter() - t0, existing)
+        return DumpResult("reuse", cfg.out, layout.rows, 0, time.perf_counter() - t0, existing)
     action = "new" if writer.created or cfg.overwrite else "resume"
     todo = 0
     try:
-        writer.create_arrays(arrays, TABLE_COLUMNS)
-        plan = plan_batches(writer.pending_chunks(), rows, writer.manifest.chunk_rows, cfg.batch_size)
-        todo = sum(stop - start for _, start, stop in plan)
-        _run(cfg, teacher, dataset, writer, kinds, plan, order, device, classes, progress)
+        writer.create_arrays(arrays, layout.columns)
+        writer.write_sequences(layout.sequence_data())
+        pending = writer.pending_chunks()
+        plan = layout.steps(pending, writer.manifest.chunk_rows, cfg.batch_size)
+        todo = sum(b - a for a, b in map(writer.manifest.chunk_bounds, pending))
+        _run(cfg, teacher, layout, writer, kinds, plan, device, progress, todo)
         manifest = writer.finalize()
     except BaseException as e:
-        raise _kept(e, writer.abandon(), rows, cfg.out) from None
-    return DumpResult(action, cfg.out, rows, todo, time.perf_counter() - t0, manifest)
+        raise _kept(e, writer.abandon(), layout.rows, cfg.out) from None
+    return DumpResult(action, cfg.out, layout.rows, todo, time.perf_counter() - t0, manifest)
+
+
+def _layout(dataset, order: RowOrder, store_inputs: bool, show: bool) -> SampleRows | TokenRows:
+    """Token rows when the first item is a token dict (``input_ids``), sample rows otherwise."""
+    try:
+        first = dataset[0]
+    except Exception as e:
+        raise DataError(f"--data: reading item 0 failed: {type(e).__name__}: {e}") from None
+    if not is_token_item(first):
+        return SampleRows(dataset, order)
+    with progress_bar("items", show and getattr(dataset, "lengths", None) is None) as bar:
+        task = bar.add_task("lengths", total=len(dataset))
+        counts = token_lengths(dataset, progress=lambda n: bar.update(task, completed=n))
+    return TokenRows(dataset, order, counts, store_inputs)
+
+
+def _inputs_spec() -> CaptureSpec:
+    """``--store-inputs`` changes what a cache holds: it is part of the capture fingerprint."""
+    return CaptureSpec("inputs", 1, {})
 
 
 def _chunk_rows(cfg: DumpConfig, row_bytes: int, rows: int, existing: Manifest | None) -> int:
+    """``--chunk-rows``, the partial dump's when resuming, or about 4 MiB of rows."""
     if cfg.chunk_rows is None:
         if existing is not None and existing.rows == rows and not cfg.overwrite:
             return existing.chunk_rows  # resuming: the partial dump's layout
@@ -173,43 +182,23 @@ def _zarr_version() -> str:
 
 
 # --- stage 1: loading ---------------------------------------------------------------------------
-class _Batches(torch.utils.data.Dataset):
-    """The dataset as the DataLoader's fetcher sees it: a batch of items at a time."""
+class _Steps(torch.utils.data.Dataset):
+    """The plan as the DataLoader's fetcher sees it: step ``i`` is fetched whole by the layout."""
 
-    def __init__(self, dataset: Any) -> None:
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitems__(self, items: list[int]):
-        inputs, labels = fetch_batch(self.dataset, items, "--data")
-        return torch.tensor(items, dtype=torch.int64), labels, inputs
-
-
-def _collate(batch):
-    return batch  # fetched whole by _Batches
-
-
-class _PlanSampler(torch.utils.data.Sampler):
-    """Each batch of the plan as the dataset items its rows hold."""
-
-    def __init__(self, plan: list[tuple[int, int, int]], order: RowOrder, rows: int) -> None:
-        self.plan, self.order, self.rows = plan, order, rows
+    def __init__(self, layout, plan: list[Step]) -> None:
+        self.layout, self.plan = layout, plan
 
     def __len__(self) -> int:
         return len(self.plan)
 
-    def __iter__(self):
-        for _, start, stop in self.plan:
-            yield self.order.items(np.arange(start, stop), self.rows).tolist()
+    def __getitem__(self, i: int):
+        return self.layout.fetch(self.plan[i])
 
 
-def _batches(dataset, plan, order: RowOrder, rows: int, num_workers: int, pin: bool) -> Iterator[tuple]:
-    loader = DataLoader(_Batches(dataset), batch_sampler=_PlanSampler(plan, order, rows), collate_fn=_collate,
-                        num_workers=num_workers, pin_memory=pin)
-    for (chunk, start, stop), (items, labels, inputs) in zip(plan, loader):
-        yield chunk, start, stop, items, labels, inputs
+def _batches(layout, plan: list[Step], num_workers: int, pin: bool) -> Iterator[tuple]:
+    loader = DataLoader(_Steps(layout, plan), batch_size=None, num_workers=num_workers, pin_memory=pin)
+    for step, (inputs, labels) in zip(plan, loader):
+        yield step, inputs, labels
 
 
 def _prefetch(iterator: Iterator, depth: int) -> Iterator:
@@ -253,58 +242,41 @@ def _unwrap_worker_error(e: BaseException) -> BaseException:
 
 
 # --- stage 2: the teacher -----------------------------------------------------------------------
-def _teacher_logits(teacher, inputs, device, items: list[int]) -> torch.Tensor:
+def _forward(teacher, inputs, device, items: tuple[int, ...]) -> Any:
     where = f"dataset item {items[0]}" if len(items) == 1 else f"the batch of dataset items {items[0]}, {items[1]}, …"
     try:
-        output = call_model(teacher, to_device(inputs, device))
+        return call_model(teacher, to_device(inputs, device))
     except torch.cuda.OutOfMemoryError:
         raise TeacherOutputError(f"--teacher: CUDA ran out of memory on {where}: lower --batch-size") from None
     except Exception as e:
         raise TeacherOutputError(f"--teacher: forward failed on {where}: {type(e).__name__}: {e}") from None
-    return extract_logits(output, len(items))
 
 
-def _check_labels(labels: torch.Tensor, items: torch.Tensor, classes: int) -> torch.Tensor:
-    """Labels as stored: any negative label means unlabelled (-1); one >= classes is an error."""
-    bad = torch.nonzero(labels >= classes)
-    if len(bad):
-        i = int(bad[0])
-        raise DataError(f"--data: item {int(items[i])} has label {int(labels[i])}, but the teacher has {classes} "
-                        f"classes: labels must be in [0, {classes}), or negative for an unlabelled item")
-    return labels.clamp_min(NO_LABEL)
-
-
-def _run(cfg, teacher, dataset, writer: Writer, kinds: list[Capture], plan, order, device, classes: int,
-         show: bool) -> None:
+def _run(cfg, teacher, layout, writer: Writer, kinds: list[Capture], plan: list[Step], device, show: bool,
+         todo: int) -> None:
     cuda = device.type == "cuda"
-    sink = _ChunkWriter(writer, kinds)
-    bar = progress_bar("samples", show)
+    sink = _ChunkWriter(writer, layout.columns)
+    bar = progress_bar("tokens" if layout.token else "samples", show)
     rows = writer.manifest.rows
     with bar, torch.inference_mode():
-        task = bar.add_task("dump", total=rows, completed=rows - sum(b - a for _, a, b in plan))
+        task = bar.add_task("dump", total=rows, completed=rows - todo)
         try:
-            for chunk, start, stop, items, labels, inputs in _prefetch(
-                _batches(dataset, plan, order, rows, cfg.num_workers, cuda), PREFETCH_BATCHES
-            ):
-                labels = _check_labels(labels, items, classes)
-                logits = _teacher_logits(teacher, inputs, device, items.tolist())
-                if logits.shape[1] != classes:
-                    raise TeacherOutputError(
-                        f"--teacher: returned {logits.shape[1]} classes for rows {start}..{stop - 1} (dataset items "
-                        f"{int(items[0])}, …) but {classes} for the first row: a cache holds one width")
-                encoded = [k.encode(logits) for k in kinds]
-                stats = row_stats(logits)  # (B, 4)
-                arrays = {name: t for e in encoded for name, t in e.arrays.items()}
+            for step, inputs, labels in _prefetch(_batches(layout, plan, cfg.num_workers, cuda), PREFETCH_BATCHES):
+                out = layout.select(_forward(teacher, inputs, device, step.items), step, to_device(inputs, device),
+                                    labels)
+                encoded = [k.encode(out.logits, step.start) for k in kinds]
+                arrays = {**out.arrays, **{name: t for e in encoded for name, t in e.arrays.items()}}
                 invalid = torch.stack([e.invalid for e in encoded]).any(0) if encoded else None
+                table = out.table
                 event = None
                 if cuda:
                     arrays = {name: _pinned_copy(t) for name, t in arrays.items()}
-                    stats, invalid = _pinned_copy(stats), (_pinned_copy(invalid) if invalid is not None else None)
+                    table = {name: _pinned_copy(t) for name, t in table.items()}
+                    invalid = _pinned_copy(invalid) if invalid is not None else None
                     event = torch.cuda.Event()
                     event.record()
-                sink.put(_Batch(chunk, start, stop, items, labels, arrays, stats, invalid, event,
-                                logits if invalid is not None else None))
-                bar.advance(task, stop - start)
+                sink.put(_Batch(step, arrays, table, invalid, event, out, kinds))
+                bar.advance(task, step.stop - step.start)
         finally:
             sink.close()
 
@@ -318,23 +290,20 @@ def _pinned_copy(t: torch.Tensor) -> torch.Tensor:
 # --- stage 3: the writer ------------------------------------------------------------------------
 @dataclass
 class _Batch:
-    chunk: int
-    start: int
-    stop: int
-    items: torch.Tensor
-    labels: torch.Tensor
-    arrays: dict[str, torch.Tensor]
-    stats: torch.Tensor
+    step: Step
+    arrays: dict[str, torch.Tensor]  # row arrays, [stop - start, ...]
+    table: dict[str, torch.Tensor]  # per-row table columns this step completes
     invalid: torch.Tensor | None
     event: Any
-    logits: torch.Tensor | None  # kept to explain an invalid row
+    rows: Rows  # kept to explain an invalid row
+    kinds: list[Capture]
 
 
 class _ChunkWriter:
     """A thread that gathers batch outputs into whole chunks and commits each when it is full."""
 
-    def __init__(self, writer: Writer, kinds: list[Capture]) -> None:
-        self.writer, self.kinds = writer, kinds
+    def __init__(self, writer: Writer, columns: tuple[str, ...]) -> None:
+        self.writer, self.columns = writer, columns
         self.queue: queue.Queue = queue.Queue(maxsize=WRITE_QUEUE_BATCHES)
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._work, name="kdcache-write", daemon=True)
@@ -364,30 +333,30 @@ class _ChunkWriter:
     def _add(self, open_chunks, b: _Batch) -> None:
         if b.event is not None:
             b.event.synchronize()
+        step = b.step
         if b.invalid is not None and bool(b.invalid.any()):
             row = int(torch.nonzero(b.invalid)[0])
-            why = next(k.describe_invalid(b.logits.cpu(), row) for k in self.kinds)
-            raise TeacherOutputError(f"--teacher: the output for dataset item {int(b.items[row])} (row {b.start + row}) {why}")
-        c0, c1 = self.writer.manifest.chunk_bounds(b.chunk)
-        buf = open_chunks.get(b.chunk)
+            logits = b.rows.logits.cpu()
+            why = next((k.describe_invalid(logits, row) for k in b.kinds), "is NaN or +inf")
+            raise TeacherOutputError(f"--teacher: the output for {b.rows.where(row)} {why}")
+        c0, c1 = self.writer.manifest.chunk_bounds(step.chunk)
+        buf = open_chunks.get(step.chunk)
         if buf is None:
-            buf = open_chunks[b.chunk] = {"filled": 0, "stats": np.empty((c1 - c0, 4), np.float32), "arrays": {
+            buf = open_chunks[step.chunk] = {"filled": 0, "table": [], "arrays": {
                 name: np.empty(layout.spec.chunk_shape(c1 - c0), layout.spec.dtype)
                 for name, layout in self.writer.layouts.items()}}
-        sl = slice(b.start - c0, b.stop - c0)
-        values = {"index": b.items, "label": b.labels, **b.arrays}
+        sl = slice(step.start - c0, step.stop - c0)
         for name, target in buf["arrays"].items():
-            target[sl] = values[name].numpy().view(target.dtype)
-        buf["stats"][sl] = b.stats.numpy()
-        buf["filled"] += b.stop - b.start
+            target[sl] = b.arrays[name].numpy()  # narrowed to the stored dtype (bfloat16 bits keep their bits)
+        if b.table:
+            buf["table"].append({name: t.numpy() for name, t in b.table.items()})
+        buf["filled"] += step.stop - step.start
         if buf["filled"] == c1 - c0:
-            del open_chunks[b.chunk]
-            arrays = buf["arrays"]
-            self.writer.write_chunk(b.chunk, arrays, _table(arrays["index"], arrays["label"], buf["stats"]))
+            del open_chunks[step.chunk]
+            self.writer.write_chunk(step.chunk, buf["arrays"], _table(buf["table"], self.columns))
 
 
-def _table(index: np.ndarray, label: np.ndarray, stats: np.ndarray) -> pa.Table:
-    return pa.table({
-        "index": index, "label": label, "teacher_top1": stats[:, 0].astype(np.int32),
-        "teacher_prob": stats[:, 1], "entropy": stats[:, 2], "margin": stats[:, 3],
-    })
+def _table(parts: list[dict[str, np.ndarray]], columns: tuple[str, ...]) -> pa.Table:
+    """The chunk's per-row table (a row per sample, or per sequence ending in the chunk)."""
+    return pa.table({name: np.concatenate([p[name] for p in parts]) if parts else np.zeros(0)
+                     for name in columns})

@@ -45,6 +45,25 @@ def extract_logits(output: Any, batch: int, flag: str = "--teacher") -> torch.Te
     return output
 
 
+def extract_token_logits(output: Any, batch: int, flag: str = "--teacher") -> torch.Tensor:
+    """The ``[B, L, V]`` logits of a language model's output: a tensor, a tuple starting with one,
+    or an object with ``.logits`` (Hugging Face)."""
+    if isinstance(output, (tuple, list)) and output:
+        output = output[0]
+    elif isinstance(output, dict) and "logits" in output:
+        output = output["logits"]
+    elif not isinstance(output, torch.Tensor) and hasattr(output, "logits"):
+        output = output.logits
+    if not isinstance(output, torch.Tensor) or output.ndim != 3 or output.shape[0] != batch \
+            or not output.is_floating_point():
+        got = f"a {output.dtype} tensor of shape {tuple(output.shape)}" if isinstance(output, torch.Tensor) else \
+            type(output).__name__
+        error = TeacherOutputError if flag == "--teacher" else ModelOutputError
+        raise error(f"{flag}: the model returned {got} for a batch of {batch} token sequences; expected "
+                    "floating-point logits of shape [batch, length, vocab]")
+    return output
+
+
 def row_stats(logits: torch.Tensor) -> torch.Tensor:
     """``[B, 4]`` float32: teacher top-1 (as float), its probability, entropy (nats), margin p1 - p2."""
     z = logits.float()

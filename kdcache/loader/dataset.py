@@ -32,7 +32,9 @@ import kdcache
 from kdcache.errors import FingerprintMismatchError
 from kdcache.fingerprint import data_fingerprint
 from kdcache.loader.order import BLOCK, WINDOW, EpochPlan, _int
+from kdcache.loader.targets import TOPK_MODES, make_targets, response_kind
 from kdcache.sources.items import NO_LABEL, fetch_batch
+from kdcache.sources.tokens import IDS, MASK, next_token_labels, pad, tokens
 from kdcache.store.reader import Cache
 from kdcache.store.schema import RowOrder
 
@@ -120,7 +122,7 @@ class CacheDataset(IterableDataset):
     def __init__(self, source: Cache | DatasetRows | str | os.PathLike, data: Any = None, *, batch_size: int,
                  seed: int = 0, shuffle: bool = True, shuffle_buffer: int = WINDOW, shuffle_block: int = BLOCK,
                  drop_last: bool = False, rank: int | None = None, world: int | None = None,
-                 targets: tuple[str, ...] | None = None, check_data: bool = True) -> None:
+                 targets: tuple[str, ...] | None = None, check_data: bool = True, topk_mode: str = "tail") -> None:
         if isinstance(source, (str, os.PathLike)):
             source = kdcache.open(source)
         if not isinstance(source, (Cache, DatasetRows)):
@@ -140,20 +142,39 @@ class CacheDataset(IterableDataset):
         world = _int("world", world, 1)
         self.rank, self.world = _int("rank", rank, 0, world), world
         if targets is None:
-            targets = tuple(n for n in source.arrays if n not in _BASE)
+            targets = tuple(n for n, a in source.arrays.items() if n not in _BASE and a.axis == "row"
+                            and not n.startswith("inputs/"))
         if isinstance(targets, str):
             targets = (targets,)
-        missing = [t for t in targets if t not in source.arrays or t in _BASE]
+        missing = [t for t in targets if t not in source.arrays or t in _BASE or source.arrays[t].axis != "row"]
         if missing:
             raise ValueError(f"targets: expected names of arrays in {source!r} (not index or label), "
                              f"got {missing[0]!r} instead")
         self.targets = tuple(targets)
-        self._names = ["index", *self.targets] + (["label"] if data is None and "label" in source.arrays else [])
+        if topk_mode not in TOPK_MODES:
+            raise ValueError(f"topk_mode: expected one of {', '.join(TOPK_MODES)}, got {topk_mode!r} instead")
+        self.topk_mode = topk_mode
+        # the targets object the loss takes, when every array of the teacher's response is read
+        self._response = isinstance(source, Cache) and response_kind(source.manifest) is not None and set(
+            a.name for a in source.manifest.row_arrays if not a.name.startswith("inputs/")
+            and a.name not in _BASE) <= set(self.targets)
         self.data = data
         if data is not None:
             self._check_data(data, check_data)
-        self._rows = _committed_rows(source)  # unit -> storage row; None: every row
-        self.units = len(self._rows) if self._rows is not None else len(source)
+        self.tokens = isinstance(source, Cache) and source.manifest.sequences is not None
+        if self.tokens:  # a unit is a sequence: its rows are its tokens
+            self._offsets = source.sequence_array("offsets")
+            self._items = source.sequence_array("index")
+            self._stored_inputs = "inputs/input_ids" in source.arrays
+            if data is None and not self._stored_inputs:
+                self._check_no_inputs_needed()
+            self._names = [*self.targets] + (["inputs/input_ids"] if self._stored_inputs and data is None else [])
+            self._rows = _committed_sequences(source, self._offsets)  # unit -> sequence; None: all
+            self.units = len(self._rows) if self._rows is not None else len(self._items)
+        else:
+            self._names = ["index", *self.targets] + (["label"] if data is None and "label" in source.arrays else [])
+            self._rows = _committed_rows(source)  # unit -> storage row; None: every row
+            self.units = len(self._rows) if self._rows is not None else len(source)
         # In shared memory, so persistent workers see set_epoch / load_state_dict: the epoch, the
         # batches delivered, and the batch the current iteration started at (workers start late,
         # after the delivered count has moved on: they must read where the iteration began).
@@ -242,7 +263,7 @@ class CacheDataset(IterableDataset):
             while ahead < min(window + 1, plan.num_windows - 1):  # this window and the next
                 ahead += 1
                 if ahead >= window:
-                    self.source.willneed(self._storage_rows(plan.window_units(ahead)))
+                    self.source.willneed(self._window_rows(plan.window_units(ahead)))
             batch = self.batch(plan.batch(b))
             if info is None:  # in the main process: count what is delivered (else the loader does)
                 self._state[1] = b + 1
@@ -250,10 +271,20 @@ class CacheDataset(IterableDataset):
 
     # --- reading ----------------------------------------------------------------------------------
     def _storage_rows(self, units: np.ndarray) -> np.ndarray:
+        """Units → storage rows (sample caches) or sequences (token caches)."""
         return units if self._rows is None else self._rows[units]
+
+    def _window_rows(self, units: np.ndarray) -> np.ndarray:
+        """Rows to read ahead for these units (a token cache: the first and last row of each sequence)."""
+        found = self._storage_rows(units)
+        if not self.tokens:
+            return found
+        return np.concatenate([self._offsets[found], self._offsets[found + 1] - 1])
 
     def batch(self, units: np.ndarray) -> dict[str, Any]:
         """The batch of these units: one gather per array, rows ascending."""
+        if self.tokens:
+            return self._token_batch(np.sort(self._storage_rows(units)))
         rows = np.sort(self._storage_rows(units))
         got = self.source.gather(self._names, rows)
         batch: dict[str, Any] = {"row": torch.from_numpy(rows), "index": torch.from_numpy(got["index"])}
@@ -265,14 +296,76 @@ class CacheDataset(IterableDataset):
             batch["label"] = torch.full((len(rows),), NO_LABEL, dtype=torch.int64)
         for name in self.targets:
             batch[name] = self.source.tensor(name, got[name])
+        if self._response:
+            batch["targets"] = make_targets(self.source.manifest, batch, self.topk_mode)
         return batch
 
     def _inputs(self, index: np.ndarray) -> tuple[Any, torch.Tensor]:
         return fetch_batch(self.data, index.tolist(), flag="data")
 
+    def _token_batch(self, seqs: np.ndarray) -> dict[str, Any]:
+        """Whole sequences, right-padded: targets ``[B, L, ...]``, ``mask`` ``[B, L]`` (False: padding),
+        next-token ``label`` ``[B, L]`` (-1: none), ``input`` (``input_ids``, ``attention_mask``)."""
+        starts, stops = self._offsets[seqs], self._offsets[seqs + 1]
+        lengths = stops - starts
+        rows = np.concatenate([np.arange(a, b) for a, b in zip(starts, stops)])
+        got = self.source.gather(self._names, rows)
+        longest = int(lengths.max())
+        b_idx = np.repeat(np.arange(len(seqs)), lengths)
+        t_idx = rows - np.repeat(starts, lengths)
+        place = torch.from_numpy(b_idx * longest + t_idx)  # where each row goes in the flat [B * L] batch
+        mask = torch.zeros(len(seqs) * longest, dtype=torch.bool)
+        mask[place] = True
+        mask = mask.view(len(seqs), longest)
+        items = self._items[seqs]
+        batch: dict[str, Any] = {"sequence": torch.from_numpy(seqs), "index": torch.from_numpy(items.copy()),
+                                 "mask": mask}
+        if self.data is not None:
+            seq_tokens = [tokens(self.data[int(i)], int(i), flag="data") for i in items]
+            for i, t, n in zip(items, seq_tokens, lengths):
+                if len(t) != n:
+                    raise FingerprintMismatchError(f"data: item {int(i)} has {len(t)} tokens, the cache {n}: the "
+                                                   "data differs from the one the cache was dumped from")
+            ids, attention = pad(seq_tokens)
+        else:
+            ids = _padded(torch.from_numpy(got["inputs/input_ids"].astype(np.int64)), place, len(seqs), longest, 0)
+            attention = mask.to(torch.int64)
+        batch["input"] = {IDS: ids, MASK: attention}
+        batch["label"] = next_token_labels(ids, attention)
+        for name in self.targets:
+            fill = self.source.arrays[name].fill_value
+            batch[name] = _padded(self.source.tensor(name, got[name]), place, len(seqs), longest, fill)
+        if self._response:
+            batch["targets"] = make_targets(self.source.manifest, batch, self.topk_mode)
+        return batch
+
+    def _check_no_inputs_needed(self) -> None:
+        raise ValueError(f"data: {self.source!r} holds no inputs (dump it with --store-inputs), so the dataset it "
+                         "was dumped from must be given")
+
     def __repr__(self) -> str:
         return (f"CacheDataset({self.source!r}, batch_size={self.batch_size}, seed={self.seed}, "
                 f"shuffle={self.shuffle}, epoch={self.epoch}, rank={self.rank}, world={self.world})")
+
+
+def _padded(rows: torch.Tensor, place: torch.Tensor, batch: int, longest: int, fill) -> torch.Tensor:
+    """Rows ``[R, ...]`` scattered to ``place`` in a ``[batch, longest, ...]`` tensor filled with ``fill``."""
+    out = torch.full((batch * longest, *rows.shape[1:]), fill, dtype=rows.dtype)
+    out[place] = rows
+    return out.view(batch, longest, *rows.shape[1:])
+
+
+def _committed_sequences(source: Cache, offsets: np.ndarray) -> np.ndarray | None:
+    """The sequences whose tokens are all committed, for a cache still being written (None: all)."""
+    if source.complete:
+        return None
+    committed = np.zeros(source.num_chunks + 1, dtype=bool)
+    committed[source.committed_chunks()] = True
+    first, last = offsets[:-1] // source.chunk_rows, (offsets[1:] - 1) // source.chunk_rows
+    # a sequence's chunks are first..last: all committed when the count of committed ones matches
+    done = np.concatenate([[0], np.cumsum(committed)])
+    whole = (done[last + 1] - done[first]) == (last - first + 1)
+    return np.flatnonzero(whole)
 
 
 def _committed_rows(source: Cache | DatasetRows) -> np.ndarray | None:

@@ -1,13 +1,16 @@
 """How one array's chunks are stored, read from the array's own ``zarr.json``.
 
-kdcache writes every array uncompressed (the ``bytes`` codec alone, little-endian), chunked along
-rows only. Such a chunk file *is* the chunk's bytes, so the writer writes it and the reader maps
-it without going through zarr (zarr costs ~2 ms a call and twice the copies). :func:`is_raw` is the
-one predicate that decides this, for the writer, the reader and verify alike; chunk keys come from
-zarr's own metadata class (``encode_chunk_key``), never from a hand-built string. An array that a
-user rewrote with another codec is still read, through zarr.
+kdcache writes arrays chunked along axis 0, little-endian, in one of two ways:
 
-A chunk with no file means ``fill_value`` everywhere (Zarr's rule): readers and verify honour it.
+* ``raw``: the ``bytes`` codec alone. The chunk file *is* the chunk's bytes, so the writer writes it
+  and the reader maps it without going through zarr (zarr costs ~2 ms a call and twice the copies);
+* ``zstd``: ``bytes`` then ``zstd`` (sparse targets, whose padding compresses away): written and
+  decoded here with numcodecs, the same frames zarr reads.
+
+:func:`storage` is the one predicate that decides this, for the writer, the reader and verify
+alike; anything else (an array a user rewrote with another codec) is still read, through zarr.
+Chunk keys come from zarr's own metadata class (``encode_chunk_key``), never from a hand-built
+string. A chunk with no file means ``fill_value`` everywhere (Zarr's rule).
 """
 
 from __future__ import annotations
@@ -24,20 +27,34 @@ from kdcache.store.fs import Location
 from kdcache.store.schema import ArraySpec
 
 
-def is_raw(meta: dict[str, Any], spec: ArraySpec, chunk_rows: int) -> bool:
-    """Whether chunks of this array are plain little-endian bytes of ``spec.chunk_shape(chunk_rows)``."""
+ZSTD_LEVEL = 3
+
+
+def storage(meta: dict[str, Any], spec: ArraySpec, chunk_rows: int) -> str:
+    """``"raw"``, ``"zstd"`` (read and written without zarr) or ``"zarr"`` (anything else)."""
     codecs = meta.get("codecs")
-    if not (isinstance(codecs, list) and len(codecs) == 1 and isinstance(codecs[0], dict)
-            and codecs[0].get("name") == "bytes"):
-        return False
-    endian = (codecs[0].get("configuration") or {}).get("endian", "little")
     grid = meta.get("chunk_grid") or {}
-    return (
-        (endian == "little" or np.dtype(spec.dtype).itemsize == 1)
-        and not meta.get("storage_transformers")
-        and grid.get("name") == "regular"
-        and list((grid.get("configuration") or {}).get("chunk_shape", [])) == list(spec.chunk_shape(chunk_rows))
-    )
+    if not (isinstance(codecs, list) and codecs and all(isinstance(c, dict) for c in codecs)
+            and codecs[0].get("name") == "bytes" and not meta.get("storage_transformers")
+            and grid.get("name") == "regular"
+            and list((grid.get("configuration") or {}).get("chunk_shape", [])) == list(spec.chunk_shape(chunk_rows))):
+        return "zarr"
+    endian = (codecs[0].get("configuration") or {}).get("endian", "little")
+    if endian != "little" and np.dtype(spec.dtype).itemsize > 1:
+        return "zarr"
+    if len(codecs) == 1:
+        return "raw"
+    if len(codecs) == 2 and codecs[1].get("name") == "zstd":
+        return "zstd"
+    return "zarr"
+
+
+def array_codecs(spec: ArraySpec) -> list[dict[str, Any]]:
+    """The Zarr codecs kdcache writes an array with."""
+    codecs: list[dict[str, Any]] = [{"name": "bytes", "configuration": {"endian": "little"}}]
+    if spec.compressor == "zstd":
+        codecs.append({"name": "zstd", "configuration": {"level": ZSTD_LEVEL, "checksum": False}})
+    return codecs
 
 
 @dataclass(frozen=True)
@@ -47,7 +64,7 @@ class ChunkLayout:
     spec: ArraySpec
     chunk_rows: int
     meta: Any  # zarr's ArrayV3Metadata
-    raw: bool
+    storage: str  # "raw", "zstd" or "zarr"
 
     @classmethod
     def read(cls, loc: Location, spec: ArraySpec, chunk_rows: int) -> "ChunkLayout":
@@ -74,7 +91,38 @@ class ChunkLayout:
             meta = ArrayV3Metadata.from_dict(doc)
         except Exception as e:  # noqa: BLE001 - zarr raises many kinds for bad metadata
             raise StoreError(f"{where}: not valid Zarr v3 array metadata: {e}") from None
-        return cls(spec, chunk_rows, meta, is_raw(doc, spec, chunk_rows))
+        return cls(spec, chunk_rows, meta, storage(doc, spec, chunk_rows))
+
+    @property
+    def raw(self) -> bool:
+        return self.storage == "raw"
+
+    @property
+    def direct(self) -> bool:
+        """Chunk files kdcache reads and writes itself (no zarr)."""
+        return self.storage in ("raw", "zstd")
+
+    def encode(self, chunk: np.ndarray) -> np.ndarray | bytes:
+        """A whole (padded) chunk as its file's bytes."""
+        if self.storage == "zstd":
+            import numcodecs
+
+            return numcodecs.Zstd(level=ZSTD_LEVEL).encode(np.ascontiguousarray(chunk))
+        return chunk
+
+    def decode(self, data: bytes) -> np.ndarray:
+        """A chunk file's bytes as the whole chunk (raises StoreError when they do not fit)."""
+        if self.storage == "zstd":
+            import numcodecs
+
+            try:
+                data = numcodecs.Zstd().decode(data)
+            except Exception as e:  # noqa: BLE001 - a damaged frame fails in several ways
+                raise StoreError(f"chunk of {self.spec.name!r} does not decompress: {e}") from None
+        if len(data) != self.nbytes:
+            raise StoreError(f"chunk of {self.spec.name!r} holds {len(data)} bytes, expected {self.nbytes} "
+                             "(truncated?)")
+        return np.frombuffer(data, dtype=self.spec.dtype).reshape(self.chunk_shape)
 
     def key(self, chunk: int) -> str:
         """The store key of a row chunk, e.g. ``logits/c/3/0``."""
@@ -96,6 +144,11 @@ class ChunkLayout:
         chunk = np.full(self.chunk_shape, self.spec.fill_value, dtype=self.spec.dtype)
         chunk.flags.writeable = False
         return chunk
+
+    @cached_property
+    def fill_file(self) -> bytes:
+        """What the file of a chunk holding only fill values would contain (its checksum)."""
+        return bytes(memoryview(self.encode(self.fill_chunk)).cast("B"))
 
     def pad(self, data: np.ndarray) -> np.ndarray:
         """Rows of one chunk, followed by fill rows up to the chunk's full size (as stored)."""

@@ -16,8 +16,8 @@ def describe(path: str) -> dict[str, Any]:
     for spec in m.arrays:
         size = loc.size(spec.name)
         arrays[spec.name] = {"shape": list(spec.shape), "dtype": spec.dtype, "logical_dtype": spec.logical_dtype,
-                             "dims": list(spec.dims), "codec": spec.codec.to_dict(), "bytes": size,
-                             "bytes_per_row": spec.row_bytes}
+                             "dims": list(spec.dims), "codec": spec.codec.to_dict(), "compressor": spec.compressor,
+                             "axis": spec.axis, "bytes": size, "bytes_per_row": size / max(committed, 1)}
     table = loc.size(sc.TABLE_DIR)
     arrays[sc.TABLE] = {"bytes": table, "columns": list(m.columns),
                         "bytes_per_row": table / max(committed, 1)}
@@ -29,5 +29,5 @@ def describe(path: str) -> dict[str, Any]:
         "committed_rows": committed,
         "arrays": arrays,
         "bytes": total,
-        "bytes_per_sample": total / max(committed, 1),
+        "bytes_per_sample": total / max(committed, 1),  # a row: a sample, or a token of a token cache
     }

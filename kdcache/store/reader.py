@@ -190,7 +190,19 @@ class Cache:
         """How array ``name``'s chunks are stored (its zarr.json, read once)."""
         found = self._layouts.get(name)
         if found is None:
-            found = self._layouts[name] = ChunkLayout.read(self.location, self.arrays[name], self.chunk_rows)
+            spec = self.arrays[name]
+            found = self._layouts[name] = ChunkLayout.read(self.location, spec, self.manifest.chunk_rows_of(spec))
+        return found
+
+    def sequence_array(self, name: str) -> np.ndarray:
+        """A per-sequence array of a token cache (``index``, ``offsets``), whole (read once)."""
+        found = self._sequence_arrays.get(name)
+        if found is None:
+            layout = self.layout(name)
+            parts = [self.read_chunk(layout, c) for c in range(-(-layout.spec.shape[0] // layout.chunk_rows))]
+            found = np.concatenate(parts)[: layout.spec.shape[0]] if parts else np.zeros(0, layout.spec.dtype)
+            found.flags.writeable = False
+            self._sequence_arrays[name] = found
         return found
 
     # --- commit records -------------------------------------------------------------------------
@@ -301,8 +313,8 @@ class Cache:
                                          "overwritten (or damaged) since it was opened; open it again")
             raise StoreError(f"cache {self.url!r}: {rows} is not committed")
         copied = 0
-        for name in self.arrays:
-            copied += self._load(self._store(name), self.layout(name), chunk)
+        for spec in self.manifest.row_arrays:
+            copied += self._load(self._store(spec.name), self.layout(spec.name), chunk)
         # Read again: a dump that overwrote the cache meanwhile removed or replaced the record.
         if self.commit_record(chunk) is None:
             raise sc.StaleChunkError(f"cache {self.url!r}: chunk {chunk} vanished while it was read "
@@ -333,18 +345,18 @@ class Cache:
         return layout.nbytes
 
     def read_chunk(self, layout: ChunkLayout, chunk: int) -> np.ndarray:
-        """One whole (padded) chunk as stored, decoded: plain bytes, or through zarr."""
-        if layout.raw:
+        """One whole (padded) chunk, decoded: from its file (plain or zstd), or through zarr."""
+        if layout.direct:
             try:
-                raw = self.location.read_bytes(layout.key(chunk))
+                data = self.location.read_bytes(layout.key(chunk))
             except FileNotFoundError:
                 return layout.fill_chunk
-            if len(raw) != layout.nbytes:
-                raise StoreError(f"cache {self.url!r}: chunk {chunk} of {layout.spec.name!r} holds {len(raw)} "
-                                 f"bytes, expected {layout.nbytes} (truncated?); run `kdcache verify`")
-            return np.frombuffer(raw, dtype=layout.spec.dtype).reshape(layout.chunk_shape)
-        start, stop = self.chunk_bounds(chunk)
-        return layout.pad(self._zarr(layout.spec.name)[start:stop])
+            try:
+                return layout.decode(data)
+            except StoreError as e:
+                raise StoreError(f"cache {self.url!r}: chunk {chunk}: {e}; run `kdcache verify`") from None
+        start = chunk * layout.chunk_rows
+        return layout.pad(self._zarr(layout.spec.name)[start:start + layout.chunk_rows])
 
     def _store(self, name: str):
         store = self._stores.get(name)
@@ -372,6 +384,7 @@ class Cache:
         """No chunk admitted, nothing mapped: a new reader (or a spawned DataLoader worker)."""
         self._lock = threading.RLock()
         self._layouts: dict[str, ChunkLayout] = {}
+        self._sequence_arrays: dict[str, np.ndarray] = {}
         self._stores: dict[str, Any] = {}
         self._admitted: OrderedDict[int, int] = OrderedDict()  # chunk -> bytes copied in
         self._is_admitted = np.zeros(self.manifest.num_chunks, dtype=bool)  # the per-batch fast check
@@ -402,14 +415,13 @@ class Cache:
             return bytes_crc(data), len(data), True
         layout = self.layout(name)
         present = True
-        if layout.raw:
+        if layout.direct:
             try:
                 data = self.location.read_bytes(layout.key(chunk))
             except FileNotFoundError:
-                data, present = layout.fill_chunk, False
+                data, present = layout.fill_file, False
             else:
-                if len(data) != layout.nbytes:
-                    raise StoreError(f"holds {len(data)} bytes, expected {layout.nbytes} (truncated?)")
+                layout.decode(data)  # a truncated or undecodable file is named as such
         else:
             data = self.read_chunk(layout, chunk)
         return bytes_crc(data), layout.nbytes, present

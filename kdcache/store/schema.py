@@ -55,6 +55,9 @@ def commit_name(chunk: int) -> str:
     return f"{COMMITS_DIR}/{chunk:08d}.json"
 
 
+SEQUENCES_RECORD = f"{COMMITS_DIR}/sequences.json"  # CRC32C of the per-sequence arrays' chunks
+
+
 def table_part_name(chunk: int) -> str:
     return f"{TABLE_DIR}/part-{chunk:08d}.parquet"
 
@@ -163,7 +166,8 @@ class BFloat16Bits(Codec):
 
 @dataclass(frozen=True)
 class Linear(Codec):
-    """Quantized: ``value = stored * scale + offset`` (integer storage, float32 values)."""
+    """Quantized: ``value = stored * scale + offset`` (integer storage, float32 values). kdcache
+    stores log-probabilities this way, ``-stored * step``: ``scale`` is negative."""
 
     name: ClassVar[str] = "linear"
     scale: float = 1.0
@@ -177,8 +181,8 @@ class Linear(Codec):
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
                 raise _fail(f"{where}.{key}", "a finite number", v)
             vals[key] = float(v)
-        if vals["scale"] <= 0:
-            raise _fail(f"{where}.scale", "a number > 0", vals["scale"])
+        if vals["scale"] == 0:
+            raise _fail(f"{where}.scale", "a number other than 0", vals["scale"])
         return cls(**vals)
 
     def logical_dtype(self, storage: str) -> str:
@@ -196,24 +200,38 @@ PLAIN = Plain()
 
 # --- arrays ---------------------------------------------------------------------------------------
 STORAGE_DTYPES = ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "float16", "float32", "float64")
+COMPRESSORS = (None, "zstd")
+AXES = ("row", "sequence")
+SEQUENCE_CHUNK = 1 << 20  # entries a chunk of a per-sequence array
 
 
 @dataclass(frozen=True)
 class ArraySpec:
-    """One array of the cache: row-chunked along axis 0, uncompressed, little-endian."""
+    """One array of the cache, chunked along axis 0, little-endian.
+
+    ``axis`` says what axis 0 counts: ``row`` arrays (one entry per row: a sample, or a token) are
+    chunked by the cache's ``chunk_rows`` and written chunk by chunk under the commit protocol;
+    ``sequence`` arrays of token caches (``index``, ``offsets``: one entry per sequence) are known
+    before the teacher runs and written whole when the cache is created. ``compressor`` is None
+    (the chunk file is its bytes) or ``"zstd"`` (sparse targets, whose padding compresses away).
+    """
 
     name: str  # "index", "logits", "topk/value" (a "/" nests it in a Zarr group)
-    shape: tuple[int, ...]  # (rows, ...)
+    shape: tuple[int, ...]  # (rows, ...) or (sequences[+1],)
     dtype: str  # storage dtype
-    dims: tuple[str, ...]  # dimension names, "row" first
+    dims: tuple[str, ...]  # dimension names, axis 0 first
     fill_value: int | float = 0
     codec: Codec = PLAIN
+    compressor: str | None = None
+    axis: str = "row"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
         object.__setattr__(self, "dims", tuple(self.dims))
         if len(self.dims) != len(self.shape):
             raise StoreError(f"array {self.name!r}: {len(self.dims)} dimension names for {len(self.shape)} dims")
+        if self.compressor not in COMPRESSORS or self.axis not in AXES:
+            raise StoreError(f"array {self.name!r}: compressor {self.compressor!r}, axis {self.axis!r}")
 
     @property
     def logical_dtype(self) -> str:
@@ -235,7 +253,8 @@ class ArraySpec:
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype, "dims": list(self.dims),
-                "fill_value": self.fill_value, "codec": self.codec.to_dict()}
+                "fill_value": self.fill_value, "codec": self.codec.to_dict(), "compressor": self.compressor,
+                "axis": self.axis}
 
     @classmethod
     def from_dict(cls, d: Any, where: str = "array") -> "ArraySpec":
@@ -254,7 +273,13 @@ class ArraySpec:
         fill = d.get("fill_value")
         if not isinstance(fill, (int, float)) or isinstance(fill, bool):
             raise _fail(f"{where}.fill_value", "a number", fill)
-        return cls(name, tuple(shape), dtype, tuple(dims), fill, Codec.from_dict(d.get("codec"), f"{where}.codec"))
+        compressor, axis = d.get("compressor"), d.get("axis", "row")
+        if compressor not in COMPRESSORS:
+            raise _fail(f"{where}.compressor", "null or 'zstd'", compressor)
+        if axis not in AXES:
+            raise _fail(f"{where}.axis", " or ".join(map(repr, AXES)), axis)
+        return cls(name, tuple(shape), dtype, tuple(dims), fill, Codec.from_dict(d.get("codec"), f"{where}.codec"),
+                   compressor, axis)
 
 
 # --- what made the cache ----------------------------------------------------------------------------
@@ -362,6 +387,8 @@ class Manifest:
     arrays: tuple[ArraySpec, ...] = ()
     columns: tuple[str, ...] = ()  # of the per-row table
     order: RowOrder = RowOrder()
+    sequences: int | None = None  # token caches: rows are tokens of this many sequences
+    classes: int | None = None  # the teacher's output width (classes, or the vocabulary of an LM)
     status: str = STATUS_WRITING
     generation: str = field(default_factory=new_generation)
     created_with: Mapping[str, str] = field(default_factory=dict)
@@ -386,6 +413,18 @@ class Manifest:
     def capture_fingerprint(self) -> str:
         return capture_fingerprint(self.capture)
 
+    def chunk_rows_of(self, spec: ArraySpec) -> int:
+        """Entries a chunk of ``spec`` holds."""
+        return self.chunk_rows if spec.axis == "row" else max(1, min(SEQUENCE_CHUNK, spec.shape[0]))
+
+    @property
+    def row_arrays(self) -> tuple[ArraySpec, ...]:
+        return tuple(a for a in self.arrays if a.axis == "row")
+
+    @property
+    def sequence_arrays(self) -> tuple[ArraySpec, ...]:
+        return tuple(a for a in self.arrays if a.axis == "sequence")
+
     def array(self, name: str) -> ArraySpec:
         for spec in self.arrays:
             if spec.name == name:
@@ -403,7 +442,8 @@ class Manifest:
     def to_dict(self) -> dict[str, Any]:
         return {
             "format_version": self.format_version, "status": self.status, "generation": self.generation,
-            "rows": self.rows, "chunk_rows": self.chunk_rows, "order": self.order.to_dict(),
+            "rows": self.rows, "chunk_rows": self.chunk_rows, "order": self.order.to_dict(), "sequences": self.sequences,
+            "classes": self.classes,
             "teacher": self.teacher.to_dict(), "data": self.data.to_dict(),
             "capture": [c.to_dict() for c in self.capture], "arrays": [a.to_dict() for a in self.arrays],
             "columns": list(self.columns), "created_with": dict(self.created_with),
@@ -421,10 +461,19 @@ class Manifest:
             raise _fail(f"{where}.status", " or ".join(repr(s) for s in STATUSES), status)
         rows = _int(d, "rows", where, 1)
         chunk_rows = _int(d, "chunk_rows", where, 1)
+        sequences = d.get("sequences")
+        if sequences is not None:
+            sequences = _int(d, "sequences", where, 1)
+        classes = d.get("classes")
+        if classes is not None:
+            classes = _int(d, "classes", where, 1)
         arrays = tuple(ArraySpec.from_dict(a, f"{where}.arrays[{i}]") for i, a in enumerate(_list(d, "arrays", where)))
         for a in arrays:
-            if a.shape[0] != rows:
+            if a.axis == "row" and a.shape[0] != rows:
                 raise _fail(f"{where}: array {a.name!r} shape", f"{rows} rows first", list(a.shape))
+            if a.axis == "sequence" and (sequences is None or a.shape[0] not in (sequences, sequences + 1)):
+                raise _fail(f"{where}: array {a.name!r} shape", f"{sequences} sequences (or one more) first",
+                            list(a.shape))
         columns = _list(d, "columns", where)
         if not all(isinstance(c, str) for c in columns):
             raise _fail(f"{where}.columns", "a list of column names", columns)
@@ -435,7 +484,7 @@ class Manifest:
             data=DataInfo.from_dict(d.get("data"), f"{where}.data"),
             capture=tuple(CaptureSpec.from_dict(c, f"{where}.capture[{i}]")
                           for i, c in enumerate(_list(d, "capture", where))),
-            arrays=arrays, columns=tuple(columns),
+            arrays=arrays, columns=tuple(columns), sequences=sequences, classes=classes,
             order=RowOrder.from_dict(d.get("order"), f"{where}.order"),
             status=status, generation=_str(d, "generation", where),
             created_with={str(k): str(v) for k, v in created_with.items()},

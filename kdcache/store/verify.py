@@ -52,6 +52,8 @@ def verify(cache: Cache, on_chunk=None, threads: int | None = None) -> Report:
     report = Report()
     _check_group_metadata(cache, report)
     layouts = _check_array_metadata(cache, report)
+    _check_sequence_arrays(cache, {n: layouts.pop(n) for n in list(layouts) if layouts[n].spec.axis == "sequence"},
+                           report)
     with ThreadPoolExecutor(threads or os.cpu_count() or 1) as pool:
         for chunk, part in enumerate(pool.map(lambda c: _verify_chunk(cache, layouts, c), range(cache.num_chunks))):
             report.chunks += part.chunks
@@ -122,10 +124,36 @@ def _check_array_metadata(cache: Cache, report: Report) -> dict[str, ChunkLayout
     layouts = {}
     for spec in cache.manifest.arrays:
         try:
-            layouts[spec.name] = ChunkLayout.read(cache.location, spec, cache.chunk_rows)
+            layouts[spec.name] = ChunkLayout.read(cache.location, spec, cache.manifest.chunk_rows_of(spec))
         except StoreError as e:
             report.problems.append(Problem(spec.name, -1, (0, cache.rows), str(e)))
     return layouts
+
+
+def _check_sequence_arrays(cache: Cache, layouts: dict[str, ChunkLayout], report: Report) -> None:
+    """A token cache's per-sequence arrays, against the record written with them."""
+    if not layouts:
+        return
+    try:
+        recorded = json.loads(cache.location.read_bytes(sc.SEQUENCES_RECORD))
+    except (FileNotFoundError, ValueError):
+        recorded = None
+    for name, layout in layouts.items():
+        n = layout.spec.shape[0]
+        for chunk in range(-(-n // layout.chunk_rows)):
+            rows = (chunk * layout.chunk_rows, min((chunk + 1) * layout.chunk_rows, n))
+            expected = (recorded or {}).get(f"{name}/{chunk}")
+            try:
+                actual, size, _ = cache.crc(name, chunk)
+            except Exception as e:  # noqa: BLE001 - a damaged chunk may fail to decode in many ways
+                report.problems.append(Problem(name, chunk, rows, f"unreadable: {type(e).__name__}: {e}"))
+                continue
+            report.bytes += size
+            if expected is None:
+                report.problems.append(Problem(name, chunk, rows, f"no checksum in {sc.SEQUENCES_RECORD}"))
+            elif actual != expected:
+                report.problems.append(Problem(name, chunk, rows, f"checksum mismatch (recorded {expected:08x}, "
+                                                                  f"found {actual:08x})"))
 
 
 def open_for_verify(path: str) -> Cache:

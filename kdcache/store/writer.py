@@ -30,7 +30,7 @@ from kdcache.errors import FingerprintMismatchError, StoreError
 from kdcache.store import faults
 from kdcache.store import schema as sc
 from kdcache.store.checksum import bytes_crc
-from kdcache.store.chunks import ChunkLayout
+from kdcache.store.chunks import ChunkLayout, array_codecs
 from kdcache.store.fs import Location
 from kdcache.store.lock import Lock
 from kdcache.store.reader import committed_chunks, location, mismatches, survey
@@ -123,11 +123,43 @@ class Writer:
             for spec in arrays:
                 self._write_array_metadata(spec)
             self._publish(self.manifest.replace(arrays=arrays, columns=columns))
-        self.layouts = {a.name: ChunkLayout.read(self.location, a, self.manifest.chunk_rows) for a in arrays}
+        self.layouts = {a.name: ChunkLayout.read(self.location, a, self.manifest.chunk_rows_of(a))
+                        for a in arrays if a.axis == "row"}
         for layout in self.layouts.values():
-            if not layout.raw:
-                raise StoreError(f"{self.location.url!r}: array {layout.spec.name!r} is not stored as plain bytes; "
+            if not layout.direct:
+                raise StoreError(f"{self.location.url!r}: array {layout.spec.name!r} is not stored as kdcache wrote it; "
                                  "it was changed by another tool: pass --overwrite to start over")
+
+    def write_sequences(self, arrays: dict[str, np.ndarray]) -> None:
+        """Write the per-sequence arrays whole (the coordinator, before any chunk). On resume they
+        are checked instead: they follow from the data and the row order, so they must be equal."""
+        specs = {a.name: a for a in self.manifest.sequence_arrays}
+        if set(arrays) != set(specs):
+            raise StoreError(f"sequence arrays: got {sorted(arrays)}, the cache declares {sorted(specs)}")
+        if not specs:
+            return
+        files = {}  # store key -> encoded chunk
+        crcs = {}
+        for name, data in arrays.items():
+            spec = specs[name]
+            layout = ChunkLayout.read(self.location, spec, self.manifest.chunk_rows_of(spec))
+            data = np.ascontiguousarray(data, dtype=spec.dtype)
+            for chunk in range(-(-spec.shape[0] // layout.chunk_rows)):
+                stored = layout.encode(layout.pad(data[chunk * layout.chunk_rows:(chunk + 1) * layout.chunk_rows]))
+                files[layout.key(chunk)] = stored
+                crcs[f"{name}/{chunk}"] = bytes_crc(stored)
+        try:
+            recorded = json.loads(self.location.read_bytes(sc.SEQUENCES_RECORD))
+        except (FileNotFoundError, ValueError):
+            recorded = None
+        if recorded == crcs:
+            return
+        if recorded is not None or self.committed_chunks():
+            raise StoreError(f"{self.location.url!r}: the partial dump's sequences differ from this run's (the data "
+                             "changed?); pass --overwrite to start over")
+        for key, stored in files.items():
+            self.location.write_bytes(key, stored)
+        self.location.write_bytes(sc.SEQUENCES_RECORD, _json(crcs))
 
     def _write_array_metadata(self, spec: ArraySpec) -> None:
         parts = spec.name.split("/")
@@ -136,7 +168,8 @@ class Writer:
             if not self.location.exists(group, "zarr.json"):
                 self.location.write_bytes(f"{group}/zarr.json", _json({"zarr_format": 3, "node_type": "group",
                                                                        "attributes": {}}))
-        self.location.write_bytes(f"{spec.name}/zarr.json", _json(array_metadata(spec, self.manifest.chunk_rows)))
+        self.location.write_bytes(f"{spec.name}/zarr.json",
+                                  _json(array_metadata(spec, self.manifest.chunk_rows_of(spec))))
 
     # --- chunks -----------------------------------------------------------------------------------
     def committed_chunks(self) -> list[int]:
@@ -162,9 +195,9 @@ class Writer:
             if data.shape != (stop - start, *layout.spec.row_shape):
                 raise StoreError(f"chunk {chunk} of {name!r}: shape {data.shape}, the cache declares "
                                  f"{(stop - start, *layout.spec.row_shape)}")
-            padded = layout.pad(data)  # the chunk as stored: a plain-bytes file is exactly this
-            self.location.write_bytes(layout.key(chunk), padded)
-            crcs[name] = bytes_crc(padded)
+            stored = layout.encode(layout.pad(data))  # the chunk file: its padded rows, compressed or not
+            self.location.write_bytes(layout.key(chunk), stored)
+            crcs[name] = bytes_crc(stored)
         faults.hit("chunk-data", chunk)
         buf = io.BytesIO()
         pq.write_table(table, buf, row_group_size=max(len(table), 1), compression="zstd")
@@ -249,7 +282,7 @@ def array_metadata(spec: ArraySpec, chunk_rows: int) -> dict[str, Any]:
         shape=spec.shape, data_type=parse_data_type(np.dtype(spec.dtype), zarr_format=3),
         chunk_grid={"name": "regular", "configuration": {"chunk_shape": list(spec.chunk_shape(chunk_rows))}},
         chunk_key_encoding={"name": "default", "configuration": {"separator": "/"}},
-        fill_value=spec.fill_value, codecs=[{"name": "bytes", "configuration": {"endian": "little"}}],
+        fill_value=spec.fill_value, codecs=array_codecs(spec),
         attributes={"logical_dtype": spec.logical_dtype}, dimension_names=spec.dims,
     )
     return meta.to_dict()

@@ -1,14 +1,20 @@
-"""The protocol every capture kind follows."""
+"""The protocol every capture kind follows, and what kinds share: value codecs, index widths."""
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 
-from kdcache.store.schema import ArraySpec, CaptureSpec
+from kdcache.errors import ConfigError
+from kdcache.store.schema import PLAIN, ArraySpec, BFloat16Bits, CaptureSpec, Codec, Linear
+
+FLOAT_VALUES = ("float16", "bfloat16", "float32")
+QUANTIZED_STEP = 1 / 16  # uint8 log-probabilities: 1/16 nat a step, down to -15.9 nats
+MAX_LOST_MASS = 1e-3  # quantized values may floor at most this much teacher probability a row
 
 
 @dataclass
@@ -16,7 +22,7 @@ class Encoded:
     """One batch of a kind's output, ready to cross to the host."""
 
     arrays: dict[str, torch.Tensor]  # name -> [B, ...] in the storage dtype
-    invalid: torch.Tensor  # [B] bool: rows that cannot be stored (NaN, +inf, overflow)
+    invalid: torch.Tensor  # [B] bool: rows that cannot be stored (NaN, +inf, out of range)
 
 
 class Capture(ABC):
@@ -36,12 +42,106 @@ class Capture(ABC):
 
     @abstractmethod
     def declare(self, logits: torch.Tensor, rows: int) -> list[ArraySpec]:
-        """The arrays this kind writes, from the probe batch's ``[1, C]`` logits."""
+        """The arrays this kind writes, from the probe's ``[1, V]`` logits (may raise ConfigError)."""
 
     @abstractmethod
-    def encode(self, logits: torch.Tensor) -> Encoded:
-        """A batch's ``[B, C]`` teacher logits as this kind's storage tensors (on their device)."""
+    def encode(self, logits: torch.Tensor, start: int) -> Encoded:
+        """Teacher logits of rows ``start, start + 1, …`` (``[R, V]``) as storage tensors on their device."""
 
     def describe_invalid(self, logits: torch.Tensor, row: int) -> str:
         """Why row ``row`` of ``logits`` could not be stored."""
-        return "is NaN or +inf"
+        return "is NaN or +inf (-inf is allowed: a masked class)"
+
+
+def not_storable(logits: torch.Tensor) -> torch.Tensor:
+    """``[R]`` bool: rows holding NaN or +inf (``-inf``, a masked class, is fine)."""
+    return ~(logits < float("inf")).all(dim=-1)  # NaN and +inf are the values not below +inf
+
+
+# --- values: float logits, or quantized log-probabilities -------------------------------------------
+@dataclass(frozen=True)
+class Values:
+    """How teacher values are stored: a float dtype, or ``uint8[:STEP]`` log-probabilities."""
+
+    name: str  # "float16", "bfloat16", "float32", "uint8"
+    step: float | None = None  # quantized: nats a step
+
+    @classmethod
+    def parse(cls, text: str, flag: str = "--values") -> "Values":
+        if text in FLOAT_VALUES:
+            return cls(text)
+        base, _, step = str(text).partition(":")
+        if base == "uint8":
+            try:
+                value = float(step) if step else QUANTIZED_STEP
+            except ValueError:
+                value = float("nan")
+            if math.isfinite(value) and value > 0:
+                return cls("uint8", value)
+        raise ConfigError(f"{flag}: expected float16, bfloat16, float32 or uint8[:STEP] (STEP in nats > 0, "
+                          f"default {QUANTIZED_STEP}), got {text!r} instead")
+
+    def __str__(self) -> str:
+        return self.name if self.step is None or self.step == QUANTIZED_STEP else f"{self.name}:{self.step:g}"
+
+    @property
+    def quantized(self) -> bool:
+        return self.step is not None
+
+    @property
+    def floor(self) -> float:
+        """The lowest log-probability a quantized value holds."""
+        return -255 * self.step
+
+    def spec(self, name: str, shape: tuple[int, ...], dims: tuple[str, ...], compressor: str | None = None) -> ArraySpec:
+        dtype, codec = {"bfloat16": ("uint16", BFloat16Bits()), "uint8": ("uint8", None)}.get(self.name, (self.name, PLAIN))
+        if self.quantized:
+            codec = Linear(scale=-self.step, offset=0.0)
+        return ArraySpec(name, shape, dtype, dims, 0, codec, compressor)
+
+    def encode(self, values: torch.Tensor) -> torch.Tensor:
+        """Float values (logits, or log-probabilities when quantized) in the storage dtype."""
+        if self.quantized:
+            return torch.round(-values.float() / self.step).clamp_(0, 255).to(torch.uint8)
+        stored = values.to(getattr(torch, self.name))
+        return stored.view(torch.int16) if self.name == "bfloat16" else stored
+
+    def overflow(self, stored: torch.Tensor) -> torch.Tensor:
+        """``[R]`` bool: rows whose stored float values became +inf (float16 past 65504)."""
+        if self.quantized:
+            return torch.zeros(stored.shape[0], dtype=torch.bool, device=stored.device)
+        if self.name == "bfloat16":
+            stored = stored.view(torch.bfloat16)
+        return not_storable(stored)
+
+    def floored_mass(self, logprob: torch.Tensor) -> torch.Tensor:
+        """``[R]``: teacher probability below a quantized value's floor (0 for float values)."""
+        if not self.quantized:
+            return torch.zeros(logprob.shape[0], device=logprob.device)
+        return torch.where(logprob < self.floor, logprob.exp(), torch.zeros_like(logprob)).sum(-1)
+
+    def describe(self, logits: torch.Tensor) -> str | None:
+        """Why one row's logits do not fit these values, or None."""
+        z = logits.float()
+        if not bool(not_storable(z[None])[0]):
+            if self.quantized:
+                lost = float(self.floored_mass(torch.log_softmax(z, -1)[None])[0])
+                if lost > MAX_LOST_MASS:
+                    return (f"puts {lost:.2%} of its probability below what --values {self} holds (log-probability "
+                            f"{self.floor:.1f}): use a coarser step (uint8:{2 * self.step:g}) or float16")
+            elif self.name == "float16" and float(z[torch.isfinite(z)].abs().max()) > 65504:
+                return (f"overflows float16 (its largest logit is {float(z[torch.isfinite(z)].abs().max()):.4g}; "
+                        "float16 holds up to 65504): use --values bfloat16 or float32")
+            return None
+        return "is NaN or +inf (-inf is allowed: a masked class)"
+
+
+def index_dtype(vocab: int) -> str:
+    """The narrowest unsigned dtype that holds class ids ``0 … vocab - 1`` (any vocabulary < 2**31)."""
+    for dtype, top in (("uint8", 1 << 8), ("uint16", 1 << 16), ("uint32", 1 << 31)):
+        if vocab <= top:
+            return dtype
+    raise ConfigError(f"the teacher has {vocab:,} classes; kdcache stores class ids below 2**31")
+
+
+__all__ = ["Capture", "Codec", "Encoded", "Values", "index_dtype", "not_storable"]

@@ -1,0 +1,216 @@
+"""What a row of a cache is, and how the dump fills the rows: samples, or tokens of sequences.
+
+* :class:`SampleRows`: a row is a dataset item (classification). Row ``r`` holds item
+  ``order.items(r)``; a batch fills consecutive rows; ``index`` and ``label`` are row arrays.
+* :class:`TokenRows`: a row is a token. Sequence ``s`` holds item ``order.items(s)`` and its tokens
+  are rows ``offsets[s]:offsets[s + 1]``; ``index`` and ``offsets`` are per-sequence arrays, written
+  when the cache is created. A chunk is a range of tokens: its steps run every sequence that
+  overlaps it (whole: a causal model needs the context) and keep the rows inside the chunk, so a
+  sequence across a chunk boundary runs once per chunk and each chunk is always computed from the
+  same batches (a resumed dump stays byte-identical). The per-row table has a row per sequence,
+  written with the chunk that holds the sequence's last token.
+
+Both give the dump the same things: the arrays they add, the steps of a plan, how a step's items
+are fetched (loader thread) and how a batch's output becomes rows (teacher's device).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from kdcache.capture.kinds.base import index_dtype
+from kdcache.capture.outputs import extract_logits, extract_token_logits, row_stats
+from kdcache.errors import ConfigError, DataError, TeacherOutputError
+from kdcache.sources.items import NO_LABEL, fetch_batch
+from kdcache.sources.tokens import IDS, MASK, next_token_labels, pad, tokens
+from kdcache.store import schema as sc
+from kdcache.store.schema import ArraySpec, RowOrder
+
+SAMPLE_COLUMNS = ("index", "label", "teacher_top1", "teacher_prob", "entropy", "margin")
+SEQUENCE_COLUMNS = ("index", "tokens", "teacher_accuracy", "teacher_prob", "entropy")
+
+
+@dataclass(frozen=True)
+class Step:
+    """One teacher batch: it fills cache rows ``start:stop`` of ``chunk``."""
+
+    chunk: int
+    start: int
+    stop: int
+    items: tuple[int, ...]  # dataset items through the teacher, in this order
+    first: tuple[int, ...] = ()  # token rows: the cache row of each item's first token
+
+
+@dataclass
+class Rows:
+    """A step's output on the teacher's device: ``logits`` ``[R, V]`` for the step's R rows."""
+
+    logits: torch.Tensor
+    arrays: dict[str, torch.Tensor]  # row arrays the layout fills itself (index, label, input ids)
+    table: dict[str, torch.Tensor]  # per-row table columns of what this step completes
+    where: Callable[[int], str]  # how to name row i of the step in an error
+
+
+def plan_batches(chunks: list[int], rows: int, chunk_rows: int, batch_size: int) -> list[tuple[int, int, int]]:
+    """``(chunk, start, stop)`` row ranges: whole chunks split at fixed offsets, never across chunks."""
+    steps = []
+    for chunk in chunks:
+        c0, c1 = sc.chunk_bounds(chunk, rows, chunk_rows)
+        steps.extend((chunk, s, min(s + batch_size, c1)) for s in range(c0, c1, batch_size))
+    return steps
+
+
+class SampleRows:
+    """A row per dataset item."""
+
+    token = False
+    columns = SAMPLE_COLUMNS
+
+    def __init__(self, dataset: Any, order: RowOrder) -> None:
+        self.dataset, self.order = dataset, order
+        self.rows = len(dataset)
+        self.sequences = None
+        self.classes: int | None = None  # set from the probe
+
+    def arrays(self, store_inputs: bool) -> list[ArraySpec]:
+        if store_inputs:
+            raise ConfigError("--store-inputs: keeps token ids, and these items are not token dicts (dicts with "
+                              "'input_ids')")
+        return [ArraySpec("index", (self.rows,), "int64", ("row",), sc.NO_INDEX),
+                ArraySpec("label", (self.rows,), "int64", ("row",), sc.NO_INDEX)]
+
+    def sequence_data(self) -> dict[str, np.ndarray]:
+        return {}
+
+    def steps(self, chunks: list[int], chunk_rows: int, batch_size: int) -> list[Step]:
+        return [Step(c, a, b, tuple(self.order.items(np.arange(a, b), self.rows).tolist()))
+                for c, a, b in plan_batches(chunks, self.rows, chunk_rows, batch_size)]
+
+    def fetch(self, step: Step) -> tuple[Any, torch.Tensor]:
+        return fetch_batch(self.dataset, list(step.items), "--data")
+
+    def probe_logits(self, output: Any, n: int) -> torch.Tensor:
+        logits = extract_logits(output, n)
+        self.classes = logits.shape[1]
+        return logits
+
+    def select(self, output: Any, step: Step, inputs: Any, labels: torch.Tensor) -> Rows:
+        logits = extract_logits(output, len(step.items))  # (B, C)
+        if logits.shape[1] != self.classes:
+            raise TeacherOutputError(f"--teacher: returned {logits.shape[1]} classes for rows {step.start}.."
+                                     f"{step.stop - 1} (dataset items {step.items[0]}, …) but {self.classes} for the "
+                                     "first row: a cache holds one width")
+        items = torch.tensor(step.items, dtype=torch.int64)
+        labels = _checked_labels(labels, items, self.classes)
+        stats = row_stats(logits)  # (B, 4)
+        table = {"index": items, "label": labels, "teacher_top1": stats[:, 0].to(torch.int32),
+                 "teacher_prob": stats[:, 1], "entropy": stats[:, 2], "margin": stats[:, 3]}
+        return Rows(logits, {"index": items, "label": labels}, table,
+                    lambda row: f"dataset item {step.items[row]} (row {step.start + row})")
+
+
+class TokenRows:
+    """A row per token; sequences of tokens in a seeded order."""
+
+    token = True
+    columns = SEQUENCE_COLUMNS
+
+    def __init__(self, dataset: Any, order: RowOrder, lengths: np.ndarray, store_inputs: bool) -> None:
+        self.dataset, self.order, self.store_inputs = dataset, order, store_inputs
+        self.sequences = len(lengths)
+        self.items = order.items(np.arange(self.sequences), self.sequences)  # item of each sequence
+        self.offsets = np.zeros(self.sequences + 1, dtype=np.int64)
+        np.cumsum(lengths[self.items], out=self.offsets[1:])
+        self.rows = int(self.offsets[-1])
+        self.vocab: int | None = None  # set from the probe
+
+    def arrays(self, store_inputs: bool) -> list[ArraySpec]:
+        specs = [ArraySpec("index", (self.sequences,), "int64", ("sequence",), sc.NO_INDEX, axis="sequence"),
+                 ArraySpec("offsets", (self.sequences + 1,), "int64", ("boundary",), 0, axis="sequence")]
+        if store_inputs:
+            specs.append(ArraySpec("inputs/input_ids", (self.rows,), index_dtype(self.vocab), ("row",), 0,
+                                   compressor="zstd"))
+        return specs
+
+    def sequence_data(self) -> dict[str, np.ndarray]:
+        return {"index": self.items, "offsets": self.offsets}
+
+    def steps(self, chunks: list[int], chunk_rows: int, batch_size: int) -> list[Step]:
+        """For each chunk, the sequences that overlap it in batches of ``batch_size`` sequences."""
+        out = []
+        for chunk in chunks:
+            c0, c1 = sc.chunk_bounds(chunk, self.rows, chunk_rows)
+            first = int(np.searchsorted(self.offsets, c0, side="right")) - 1  # holds row c0
+            last = int(np.searchsorted(self.offsets, c1, side="left"))  # first sequence starting at/after c1
+            for s in range(first, last, batch_size):
+                seqs = range(s, min(s + batch_size, last))
+                a, b = max(c0, int(self.offsets[seqs[0]])), min(c1, int(self.offsets[seqs[-1] + 1]))
+                out.append(Step(chunk, a, b, tuple(int(self.items[q]) for q in seqs),
+                                tuple(int(self.offsets[q]) for q in seqs)))
+        return out
+
+    def fetch(self, step: Step) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        seqs = []
+        for item in step.items:
+            try:
+                got = self.dataset[item]
+            except Exception as e:
+                raise DataError(f"--data: reading item {item} failed: {type(e).__name__}: {e}") from None
+            seqs.append(tokens(got, item))
+        ids, mask = pad(seqs)
+        return {IDS: ids, MASK: mask}, next_token_labels(ids, mask)
+
+    def probe_logits(self, output: Any, n: int) -> torch.Tensor:
+        logits = extract_token_logits(output, n)
+        self.vocab = logits.shape[-1]
+        return logits.reshape(-1, self.vocab)
+
+    def select(self, output: Any, step: Step, inputs: dict[str, torch.Tensor], labels: torch.Tensor) -> Rows:
+        logits = extract_token_logits(output, len(step.items))  # (B, L, V)
+        if logits.shape[-1] != self.vocab:
+            raise TeacherOutputError(f"--teacher: returned {logits.shape[-1]} classes for dataset items "
+                                     f"{step.items[0]}, … but {self.vocab} for the first sequence: a cache holds one width")
+        mask = inputs[MASK].bool()  # (B, L)
+        lengths = mask.sum(1).cpu().numpy()
+        first = np.asarray(step.first)
+        # Rows of this step: each sequence's tokens whose cache row is inside [start, stop).
+        rows_b = [np.arange(max(step.start, f), min(step.stop, f + n)) - f for f, n in zip(first, lengths)]
+        b_idx = torch.from_numpy(np.concatenate([np.full(len(r), b) for b, r in enumerate(rows_b)]))
+        t_idx = torch.from_numpy(np.concatenate(rows_b))
+        device = logits.device
+        b_dev, t_dev = b_idx.to(device), t_idx.to(device)
+        arrays = {"inputs/input_ids": inputs[IDS].to(device)[b_dev, t_dev]} if self.store_inputs else {}
+        # Per-sequence statistics, for the sequences whose last token is in this step.
+        done = np.flatnonzero((first + lengths > step.start) & (first + lengths <= step.stop))
+        table = self._sequence_stats(logits, mask, labels.to(device), done, step) if len(done) else {}
+        def where(row: int) -> str:
+            b, t = int(b_idx[row]), int(t_idx[row])
+            return f"token {t} of dataset item {step.items[b]} (row {first[b] + t})"
+
+        return Rows(logits[b_dev, t_dev], arrays, table, where)
+
+    def _sequence_stats(self, logits, mask, labels, done: np.ndarray, step: Step) -> dict[str, torch.Tensor]:
+        sel = torch.from_numpy(done).to(logits.device)
+        z, m, y = logits[sel].float(), mask[sel], labels[sel]  # (D, L, V), (D, L), (D, L)
+        stats = row_stats(z.reshape(-1, z.shape[-1])).reshape(*z.shape[:2], 4)  # (D, L, 4)
+        mf = m.float()
+        n = mf.sum(1)
+        labelled = (y >= 0).float()
+        correct = ((stats[..., 0].long() == y).float() * labelled).sum(1) / labelled.sum(1).clamp_min(1)
+        return {"index": torch.tensor([step.items[d] for d in done], dtype=torch.int64),
+                "tokens": n.to(torch.int64), "teacher_accuracy": correct,
+                "teacher_prob": (stats[..., 1] * mf).sum(1) / n, "entropy": (stats[..., 2] * mf).sum(1) / n}
+
+
+def _checked_labels(labels: torch.Tensor, items: torch.Tensor, classes: int) -> torch.Tensor:
+    """Labels as stored: any negative label means unlabelled (-1); one >= classes is an error."""
+    bad = torch.nonzero(labels >= classes)
+    if len(bad):
+        i = int(bad[0])
+        raise DataError(f"--data: item {int(items[i])} has label {int(labels[i])}, but the teacher has {classes} "
+                        f"classes: labels must be in [0, {classes}), or negative for an unlabelled item")
+    return labels.clamp_min(NO_LABEL)
