@@ -329,3 +329,13 @@ def test_any_negative_label_means_unlabelled():
         torch.testing.assert_close(kd_loss(s, t, labels, alpha=alpha), kd_loss(s, t, same, alpha=alpha))
     ce = torch.nn.functional.cross_entropy(s[[0, 2, 4]], labels[[0, 2, 4]])
     torch.testing.assert_close(kd_loss(s, t, labels, alpha=0.0), ce)
+
+
+def test_public_api():
+    """The names callers import from kdcache.losses, before and since the sparse targets."""
+    import kdcache.losses as losses
+
+    assert losses.IGNORE_INDEX == -1 and losses.REDUCTIONS == ("mean", "sum", "none")
+    assert losses.TOPK_MODES == ("tail", "renormalize")
+    for name in losses.__all__:
+        assert getattr(losses, name) is not None, name

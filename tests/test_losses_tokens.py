@@ -162,3 +162,38 @@ def _topk(lead=(B, L), k=4, vocab=V):
 def test_bad_input_names_the_argument(teacher, labels, mask, match):
     with pytest.raises(ValueError, match=match):
         kd_loss(torch.zeros(B, L, V), teacher, labels, alpha=0.5, mask=mask)
+
+
+# --- cost -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_sparse_targets_keep_o_rows_k_for_the_backward(kind):
+    """What the loss keeps for its backward: the student's log-softmax (R, V) and, for the sparse
+    kinds, nothing else larger than O(R * K); the dense kinds also keep the teacher's (R, V)."""
+    b, length, vocab = 4, 16, 4096
+    gen = torch.Generator().manual_seed(6)
+    z = torch.randn(b, length, vocab, generator=gen)
+    teacher = {
+        "tensor": z, "dense": DenseTargets(z),
+        "topk-tail": TopKTargets.from_logits(z, 16, temperatures=(1.0, 2.0)),
+        "topk-tail-not-stored": TopKTargets.from_logits(z, 16),
+        "topk-renormalize": TopKTargets.from_logits(z, 16, mode="renormalize"),
+        "sampled": SampledTargets.from_logits(z, 16, temperature=2.0, generator=gen),
+    }[kind]
+    saved = {}  # storage address -> bytes: a tensor saved by several nodes counts once
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    s = torch.randn(b, length, vocab, generator=gen).requires_grad_()
+    mask = torch.ones(b, length, dtype=torch.bool)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        kd_loss(s, teacher, None, temperature=2.0, alpha=1.0, mask=mask)
+    student_sized = b * length * vocab * 4  # float32 (R, V)
+    sizes = sorted(saved.values(), reverse=True)
+    dense = kind in ("tensor", "dense")
+    assert sizes[: 2 if dense else 1] == [student_sized] * (2 if dense else 1)
+    rest = sizes[2 if dense else 1 :]
+    assert sum(rest) <= 4 * b * length * (16 + 1) * 8, sizes  # at most four (R, K + 1) arrays of 8-byte values

@@ -46,7 +46,6 @@ IGNORE_INDEX = -1
 REDUCTIONS = ("mean", "sum", "none")
 
 Teacher = Union[Tensor, DenseTargets, TopKTargets, SampledTargets]
-Targets = Union[DenseTargets, TopKTargets, SampledTargets]
 
 
 # --- checks ---------------------------------------------------------------------------------------
@@ -65,8 +64,9 @@ def _check_student(student_logits: Tensor) -> None:
         raise ValueError(f"expected student_logits to be a floating-point tensor, got {student_logits.dtype} instead")
 
 
-def _check_teacher(student_logits: Tensor, teacher: object, why: str) -> Targets:
-    """``teacher`` as a target kind whose leading shape and V are the student's."""
+def _check_teacher(student_logits: Tensor, teacher: object, why: str) -> Teacher:
+    """``teacher``, checked: a floating tensor of the student's shape, or a target kind whose
+    leading shape and V are the student's."""
     lead, vocab = tuple(student_logits.shape[:-1]), student_logits.shape[-1]
     if teacher is None:
         raise ValueError(
@@ -81,7 +81,7 @@ def _check_teacher(student_logits: Tensor, teacher: object, why: str) -> Targets
                 f"expected teacher_logits of the same shape as student_logits {tuple(student_logits.shape)}, "
                 f"got {tuple(teacher.shape)} instead"
             )
-        return DenseTargets(teacher)
+        return teacher
     if isinstance(teacher, DenseTargets):
         if teacher.logits.shape != student_logits.shape:
             raise ValueError(
@@ -198,10 +198,9 @@ def _stored(temperatures: tuple[float, ...], temperature: float) -> int | None:
 # --- per-row soft terms: (R, V) student logits, targets with R rows -> (R,) T^2 * KL ---------------
 
 
-def _dense_rows(s: Tensor, teacher: DenseTargets, temperature: float) -> Tensor:
-    dtype = s.dtype
+def _dense_rows(s: Tensor, logits: Tensor, temperature: float) -> Tensor:
     log_q = F.log_softmax(s / temperature, dim=-1)  # (R, V)
-    log_p = F.log_softmax(teacher.logits.detach().to(dtype) / temperature, dim=-1)  # (R, V), a constant
+    log_p = F.log_softmax(logits.detach().to(s.dtype) / temperature, dim=-1)  # (R, V), a constant
     return _kl_rows(log_q, log_p) * temperature**2  # (R,)
 
 
@@ -274,13 +273,14 @@ def _sampled_rows(s: Tensor, teacher: SampledTargets, temperature: float) -> Ten
     return (cross_entropy - teacher.entropy.detach().to(s.dtype)) * temperature**2
 
 
-def _soft_rows(s: Tensor, teacher: Targets, temperature: float) -> Tensor:
+def _soft_rows(s: Tensor, teacher: Teacher, temperature: float) -> Tensor:
     """Per-row T^2 * KL of the flattened student logits (R, V). Returns (R,)."""
     s = s.to(_compute_dtype(s))
-    lead = teacher.logits.ndim - 1 if isinstance(teacher, DenseTargets) else teacher.index.ndim - 1
+    if isinstance(teacher, (Tensor, DenseTargets)):
+        logits = teacher if isinstance(teacher, Tensor) else teacher.logits
+        return _dense_rows(s, logits.reshape(s.shape), temperature)
+    lead = teacher.index.ndim - 1
     teacher = _map_tensors(teacher, lambda t: t.reshape(-1, *t.shape[lead:]))  # R rows
-    if isinstance(teacher, DenseTargets):
-        return _dense_rows(s, teacher, temperature)
     if isinstance(teacher, TopKTargets):
         return _topk_rows(s, teacher, temperature)
     return _sampled_rows(s, teacher, temperature)
