@@ -375,7 +375,7 @@ def _eval_batch(model: torch.nn.Module, data, indices: list[int],
     the labels on the host, checked against C."""
     items = [_read_item(data, i, "--eval-data") for i in indices]
     x, labels = collate_items(items, indices, "--eval-data")
-    logits = _logits(model, to_device(x, device), len(indices), "--eval-data",
+    logits = _logits(model, to_device(x, device), labels.shape, "--eval-data",
                      f"the student's forward pass failed on items {indices[0]}..{indices[-1]}")
     _check_labels(labels, indices, logits.shape[1], "--eval-data")
     return logits.float(), labels

@@ -191,3 +191,43 @@ def test_bad_token_input(lm, tmp_path):
                         store_inputs=True), progress=False)
     for name in ("a.zarr", "b.zarr", "c.zarr"):
         assert not (tmp_path / name).exists()
+
+
+STUDENT = textwrap.dedent(
+    """
+    import torch
+    from torch import nn
+
+    class Bigram(nn.Module):  # a student that only sees the previous token
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(7)
+            self.table = nn.Embedding(50, 50)
+
+        def forward(self, input_ids, attention_mask=None):
+            return self.table(input_ids)  # (B, L, V)
+
+    def student():
+        return Bigram()
+    """
+)
+
+
+@pytest.mark.parametrize("logits", ["full", "topk:8", "sample:32"])
+def test_a_student_learns_the_teacher_from_a_token_cache_without_data(lm, tmp_path, logits):
+    """`kdcache train` from a cache dumped with --store-inputs: no --data, token eval, and the
+    student's per-token KL to the teacher falls."""
+    import json
+
+    from conftest import run_cli
+
+    (tmp_path / "student.py").write_text(STUDENT)
+    cache = tmp_path / "c.zarr"
+    dump(_cfg(lm, cache, logits=logits, store_inputs=True), progress=False)
+    r = run_cli("train", "--cache", cache, "--student", f"{tmp_path / 'student.py'}:student", "--eval-data",
+                f"{lm}:data", "--out", tmp_path / "run", "--epochs", "6", "--batch-size", "16", "--lr", "0.05",
+                "--temperature", "1", "--alpha", "1", "-q")
+    assert r.returncode == 0, r.stderr
+    metrics = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert {"eval_loss", "eval_perplexity", "eval_accuracy"} <= set(metrics[-1])
+    assert metrics[-1]["train_loss"] < 0.8 * metrics[0]["train_loss"]  # the KD loss (a KL to the teacher) falls

@@ -124,6 +124,9 @@ def _layout(dataset, order: RowOrder, store_inputs: bool, show: bool) -> SampleR
     except Exception as e:
         raise DataError(f"--data: reading item 0 failed: {type(e).__name__}: {e}") from None
     if not is_token_item(first):
+        if store_inputs:
+            raise ConfigError("--store-inputs: keeps token ids, and these items are not token dicts (dicts with "
+                              "'input_ids')")
         return SampleRows(dataset, order)
     with progress_bar("items", show and getattr(dataset, "lengths", None) is None) as bar:
         task = bar.add_task("lengths", total=len(dataset))

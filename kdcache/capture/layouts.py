@@ -24,7 +24,7 @@ import torch
 
 from kdcache.capture.kinds.base import index_dtype
 from kdcache.capture.outputs import extract_logits, extract_token_logits, row_stats
-from kdcache.errors import ConfigError, DataError, TeacherOutputError
+from kdcache.errors import DataError, TeacherOutputError
 from kdcache.sources.items import NO_LABEL, fetch_batch
 from kdcache.sources.tokens import IDS, MASK, next_token_labels, pad, tokens
 from kdcache.store import schema as sc
@@ -77,9 +77,6 @@ class SampleRows:
         self.classes: int | None = None  # set from the probe
 
     def arrays(self, store_inputs: bool) -> list[ArraySpec]:
-        if store_inputs:
-            raise ConfigError("--store-inputs: keeps token ids, and these items are not token dicts (dicts with "
-                              "'input_ids')")
         return [ArraySpec("index", (self.rows,), "int64", ("row",), sc.NO_INDEX),
                 ArraySpec("label", (self.rows,), "int64", ("row",), sc.NO_INDEX)]
 

@@ -34,8 +34,11 @@ def make_targets(manifest: Manifest, batch: dict[str, Any], topk_mode: str = "ta
         temps = tuple(float(t) for t in spec.settings.get("temperatures", [1.0]))
         return TopKTargets(index=batch["topk/index"].long(), logprob=batch["topk/value"].float(),
                            logsumexp=batch["logsumexp"], temperatures=temps, vocab=manifest.classes, mode=topk_mode)
-    return SampledTargets(index=batch["sample/index"].long(), count=batch["sample/count"].long(),
-                          draws=int(spec.settings["n"]), temperature=float(spec.settings.get("temperature", 1.0)),
+    draws = int(spec.settings["n"])
+    count = batch["sample/count"].long()
+    count[..., 0] += (count.sum(-1) == 0) * draws  # padding of a token batch: a valid row the mask leaves out
+    return SampledTargets(index=batch["sample/index"].long(), count=count, draws=draws,
+                          temperature=float(spec.settings.get("temperature", 1.0)),
                           entropy=batch["sample/entropy"].float(), vocab=manifest.classes)
 
 
