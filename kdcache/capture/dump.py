@@ -265,9 +265,8 @@ def _run(cfg, teacher, layout, writer: Writer, kinds: list[Capture], plan: list[
         task = bar.add_task("dump", total=rows, completed=rows - todo)
         try:
             for step, inputs, labels in _prefetch(_batches(layout, plan, cfg.num_workers, cuda), PREFETCH_BATCHES):
-                out = layout.select(_forward(teacher, inputs, device, step.items), step, to_device(inputs, device),
-                                    labels)
-                encoded = [k.encode(out.logits, step.start) for k in kinds]
+                out = layout.select(_forward(teacher, inputs, device, step.items), step, inputs, labels)
+                encoded = [k.encode(out.out, step.start) for k in kinds]
                 arrays = {**out.arrays, **{name: t for e in encoded for name, t in e.arrays.items()}}
                 invalid = torch.stack([e.invalid for e in encoded]).any(0) if encoded else None
                 table = out.table
@@ -339,7 +338,7 @@ class _ChunkWriter:
         step = b.step
         if b.invalid is not None and bool(b.invalid.any()):
             row = int(torch.nonzero(b.invalid)[0])
-            logits = b.rows.logits.cpu()
+            logits = b.rows.out.logits.cpu()
             why = next((k.describe_invalid(logits, row) for k in b.kinds), "is NaN or +inf")
             raise TeacherOutputError(f"--teacher: the output for {b.rows.where(row)} {why}")
         c0, c1 = self.writer.manifest.chunk_bounds(step.chunk)

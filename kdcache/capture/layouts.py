@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from kdcache.capture.kinds.base import index_dtype
-from kdcache.capture.outputs import extract_logits, extract_token_logits, row_stats
+from kdcache.capture.outputs import Reductions, extract_logits, extract_token_logits
 from kdcache.errors import DataError, TeacherOutputError
 from kdcache.sources.items import NO_LABEL, fetch_batch
 from kdcache.sources.tokens import IDS, MASK, next_token_labels, pad, tokens
@@ -47,9 +47,10 @@ class Step:
 
 @dataclass
 class Rows:
-    """A step's output on the teacher's device: ``logits`` ``[R, V]`` for the step's R rows."""
+    """A step's output on the teacher's device: the logits of the step's R rows (``out.logits``,
+    ``[R, V]``) with the reductions capture kinds share."""
 
-    logits: torch.Tensor
+    out: Reductions
     arrays: dict[str, torch.Tensor]  # row arrays the layout fills itself (index, label, input ids)
     table: dict[str, torch.Tensor]  # per-row table columns of what this step completes
     where: Callable[[int], str]  # how to name row i of the step in an error
@@ -96,6 +97,7 @@ class SampleRows:
         return logits
 
     def select(self, output: Any, step: Step, inputs: Any, labels: torch.Tensor) -> Rows:
+        """``inputs`` and ``labels`` as the loader gave them (on the host)."""
         logits = extract_logits(output, len(step.items))  # (B, C)
         if logits.shape[1] != self.classes:
             raise TeacherOutputError(f"--teacher: returned {logits.shape[1]} classes for rows {step.start}.."
@@ -103,10 +105,11 @@ class SampleRows:
                                      "first row: a cache holds one width")
         items = torch.tensor(step.items, dtype=torch.int64)
         labels = _checked_labels(labels, items, self.classes)
-        stats = row_stats(logits)  # (B, 4)
+        out = Reductions(logits)
+        stats = out.stats()  # (B, 4)
         table = {"index": items, "label": labels, "teacher_top1": stats[:, 0].to(torch.int32),
                  "teacher_prob": stats[:, 1], "entropy": stats[:, 2], "margin": stats[:, 3]}
-        return Rows(logits, {"index": items, "label": labels}, table,
+        return Rows(out, {"index": items, "label": labels}, table,
                     lambda row: f"dataset item {step.items[row]} (row {step.start + row})")
 
 
@@ -167,40 +170,51 @@ class TokenRows:
         return logits.reshape(-1, self.vocab)
 
     def select(self, output: Any, step: Step, inputs: dict[str, torch.Tensor], labels: torch.Tensor) -> Rows:
+        """``inputs`` and ``labels`` as the loader gave them (on the host: the index arithmetic
+        stays there, and a GPU is not waited for)."""
         logits = extract_token_logits(output, len(step.items))  # (B, L, V)
         if logits.shape[-1] != self.vocab:
             raise TeacherOutputError(f"--teacher: returned {logits.shape[-1]} classes for dataset items "
                                      f"{step.items[0]}, … but {self.vocab} for the first sequence: a cache holds one width")
-        mask = inputs[MASK].bool()  # (B, L)
-        lengths = mask.sum(1).cpu().numpy()
+        lengths = inputs[MASK].sum(1).numpy()  # tokens of each sequence (right-padded)
         first = np.asarray(step.first)
-        # Rows of this step: each sequence's tokens whose cache row is inside [start, stop).
-        rows_b = [np.arange(max(step.start, f), min(step.stop, f + n)) - f for f, n in zip(first, lengths)]
-        b_idx = torch.from_numpy(np.concatenate([np.full(len(r), b) for b, r in enumerate(rows_b)]))
-        t_idx = torch.from_numpy(np.concatenate(rows_b))
+        b_all = np.repeat(np.arange(len(lengths)), lengths)  # every token of the batch, in row order
+        t_all = np.arange(len(b_all)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        keep = np.flatnonzero((first[b_all] + t_all >= step.start) & (first[b_all] + t_all < step.stop))
         device = logits.device
-        b_dev, t_dev = b_idx.to(device), t_idx.to(device)
-        arrays = {"inputs/input_ids": inputs[IDS].to(device)[b_dev, t_dev]} if self.store_inputs else {}
+        every = Reductions(logits[torch.from_numpy(b_all).to(device), torch.from_numpy(t_all).to(device)])  # (N, V)
+        out = every if len(keep) == len(b_all) else every.subset(torch.from_numpy(keep).to(device))
+        b_keep, t_keep = b_all[keep], t_all[keep]
+        arrays = {"inputs/input_ids": inputs[IDS][b_keep, t_keep]} if self.store_inputs else {}
         # Per-sequence statistics, for the sequences whose last token is in this step.
-        done = np.flatnonzero((first + lengths > step.start) & (first + lengths <= step.stop))
-        table = self._sequence_stats(logits, mask, labels.to(device), done, step) if len(done) else {}
+        ends = first + lengths
+        done = np.flatnonzero((ends > step.start) & (ends <= step.stop))
+        table = self._sequence_stats(every, b_all, labels[b_all, t_all], len(lengths), done, step) if len(done) else {}
+
         def where(row: int) -> str:
-            b, t = int(b_idx[row]), int(t_idx[row])
-            return f"token {t} of dataset item {step.items[b]} (row {first[b] + t})"
+            return f"token {t_keep[row]} of dataset item {step.items[b_keep[row]]} (row {step.start + row})"
 
-        return Rows(logits[b_dev, t_dev], arrays, table, where)
+        return Rows(out, arrays, table, where)
 
-    def _sequence_stats(self, logits, mask, labels, done: np.ndarray, step: Step) -> dict[str, torch.Tensor]:
-        sel = torch.from_numpy(done).to(logits.device)
-        z, m, y = logits[sel].float(), mask[sel], labels[sel]  # (D, L, V), (D, L), (D, L)
-        stats = row_stats(z.reshape(-1, z.shape[-1])).reshape(*z.shape[:2], 4)  # (D, L, 4)
-        mf = m.float()
-        n = mf.sum(1)
+    @staticmethod
+    def _sequence_stats(every: Reductions, b_all: np.ndarray, labels: torch.Tensor, batch: int, done: np.ndarray,
+                        step: Step) -> dict[str, torch.Tensor]:
+        """Per-sequence means of the per-token statistics, for the sequences ``done``."""
+        stats = every.stats()  # (N, 4)
+        device = stats.device
+        seq = torch.from_numpy(b_all).to(device)
+        y = labels.to(device)
         labelled = (y >= 0).float()
-        correct = ((stats[..., 0].long() == y).float() * labelled).sum(1) / labelled.sum(1).clamp_min(1)
+
+        def per_sequence(values: torch.Tensor) -> torch.Tensor:
+            return torch.zeros(batch, device=device).index_add_(0, seq, values)
+
+        n = per_sequence(torch.ones_like(labelled))
+        correct = per_sequence((stats[:, 0].long() == y).float() * labelled) / per_sequence(labelled).clamp_min(1)
+        sel = torch.from_numpy(done).to(device)
         return {"index": torch.tensor([step.items[d] for d in done], dtype=torch.int64),
-                "tokens": n.to(torch.int64), "teacher_accuracy": correct,
-                "teacher_prob": (stats[..., 1] * mf).sum(1) / n, "entropy": (stats[..., 2] * mf).sum(1) / n}
+                "tokens": n[sel].to(torch.int64), "teacher_accuracy": correct[sel],
+                "teacher_prob": (per_sequence(stats[:, 1]) / n)[sel], "entropy": (per_sequence(stats[:, 2]) / n)[sel]}
 
 
 def _checked_labels(labels: torch.Tensor, items: torch.Tensor, classes: int) -> torch.Tensor:

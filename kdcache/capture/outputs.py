@@ -4,9 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
 from kdcache.errors import ModelOutputError, TeacherOutputError
 
@@ -64,32 +62,74 @@ def extract_token_logits(output: Any, batch: int, flag: str = "--teacher") -> to
     return output
 
 
-def row_stats(logits: torch.Tensor) -> torch.Tensor:
-    """``[B, 4]`` float32: teacher top-1 (as float), its probability, entropy (nats), margin p1 - p2."""
-    z = logits.float()
-    logp = F.log_softmax(z, dim=-1)
-    p = logp.exp()
-    entropy = -(p * logp).nan_to_num(0.0).sum(-1)
-    if z.shape[1] >= 2:
-        top = p.topk(2, dim=-1)
-        p1, p2, idx = top.values[:, 0], top.values[:, 1], top.indices[:, 0]
-    else:
-        p1, p2, idx = p[:, 0], torch.zeros_like(p[:, 0]), torch.zeros_like(p[:, 0], dtype=torch.long)
-    return torch.stack([idx.float(), p1, entropy, p1 - p2], dim=1)
+class Reductions:
+    """A batch of teacher logits ``[R, V]`` and the reductions every consumer shares, each
+    computed once on the logits' device: the softmax, the top k (at the largest k asked for),
+    the logsumexp and the entropy. Capture kinds and the per-row table read from one of these, so
+    a dump pays for each pass over ``[R, V]`` once: with a large vocabulary and a small teacher
+    these passes cost as much as the forward itself.
 
+    The fastest formulations on a CPU, measured (4096 x 8192): a fused softmax (66 ms) rather
+    than logsumexp (101 ms) or log_softmax and exp (143 ms); the logsumexp read off it as
+    ``z_max - log p_max``; the entropy as ``logsumexp - sum p z`` by einsum (31 ms), exact by
+    ``special.entr`` only for the rows a class masked with -inf makes NaN.
+    """
 
-def to_storage(logits: torch.Tensor, dtype: str) -> torch.Tensor:
-    """Logits in the storage dtype; bfloat16 becomes its int16 bit pattern (zarr has no bfloat16)."""
-    if dtype == "bfloat16":
-        return logits.to(torch.bfloat16).view(torch.int16)
-    return logits.to(getattr(torch, dtype))
+    def __init__(self, logits: torch.Tensor) -> None:
+        self.logits = logits
+        self.z = logits.float()  # (R, V): no copy when the teacher's output is float32 already
+        self._lse: dict[float, torch.Tensor] = {}
+        self._top: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._probs: torch.Tensor | None = None
+        self._entropy: torch.Tensor | None = None
 
+    def probs(self) -> torch.Tensor:
+        """``[R, V]``: ``softmax(z)`` (exactly 0 for a class masked with -inf)."""
+        if self._probs is None:
+            self._probs = torch.softmax(self.z, dim=-1)
+        return self._probs
 
-def first_nonfinite(values: np.ndarray, dtype: str) -> int | None:
-    """Row number of the first row with NaN/Inf in storage-dtype values (None when all finite)."""
-    if dtype == "bfloat16":  # all exponent bits set means Inf or NaN
-        bad = (values.view(np.uint16) & 0x7F80) == 0x7F80
-    else:
-        bad = ~np.isfinite(values)
-    rows = np.flatnonzero(bad.reshape(values.shape[0], -1).any(axis=1))
-    return int(rows[0]) if rows.size else None
+    def topk(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(values [R, k], ids [R, k])`` of the logits, largest first."""
+        if self._top is None or self._top[0].shape[1] < k:
+            top = self.z.topk(min(k, self.z.shape[1]), dim=-1)
+            self._top = (top.values, top.indices)
+        return self._top[0][:, :k], self._top[1][:, :k]
+
+    def logsumexp(self, temperature: float = 1.0) -> torch.Tensor:
+        """``[R]``: ``logsumexp(z / T)`` over all classes."""
+        found = self._lse.get(temperature)
+        if found is None:
+            if temperature == 1.0:
+                values, ids = self.topk(1)
+                found = values[:, 0] - self.probs().gather(1, ids)[:, 0].log()  # z_max - log p_max
+            else:
+                found = torch.logsumexp(self.z / temperature, dim=-1)
+            self._lse[temperature] = found
+        return found
+
+    def entropy(self) -> torch.Tensor:
+        """``[R]``: the entropy of ``softmax(z)`` in nats (a masked class adds 0)."""
+        if self._entropy is None:
+            h = self.logsumexp() - torch.einsum("rv,rv->r", self.probs(), self.z)
+            masked = torch.isnan(h)  # 0 * -inf in the einsum: recompute those rows exactly
+            if masked.any():
+                h[masked] = torch.special.entr(self.probs()[masked]).sum(-1)
+            self._entropy = h
+        return self._entropy
+
+    def stats(self) -> torch.Tensor:
+        """``[R, 4]`` float32: teacher top-1 (as float), its probability, entropy (nats), margin p1 - p2."""
+        values, ids = self.topk(2)
+        p = torch.exp(values - self.logsumexp()[:, None])  # (R, 2) or (R, 1)
+        p2 = p[:, 1] if p.shape[1] > 1 else torch.zeros_like(p[:, 0])
+        return torch.stack([ids[:, 0].float(), p[:, 0], self.entropy(), p[:, 0] - p2], dim=1)
+
+    def subset(self, rows: torch.Tensor) -> "Reductions":
+        """The same reductions for some rows (what is cached is sliced, not recomputed)."""
+        out = Reductions(self.logits[rows])
+        out._lse = {t: v[rows] for t, v in self._lse.items()}
+        out._top = None if self._top is None else (self._top[0][rows], self._top[1][rows])
+        out._probs = None if self._probs is None else self._probs[rows]
+        out._entropy = None if self._entropy is None else self._entropy[rows]
+        return out

@@ -9,6 +9,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from kdcache.capture.outputs import Reductions
 from kdcache.errors import ConfigError
 from kdcache.store.schema import PLAIN, ArraySpec, BFloat16Bits, CaptureSpec, Codec, Linear
 
@@ -45,8 +46,9 @@ class Capture(ABC):
         """The arrays this kind writes, from the probe's ``[1, V]`` logits (may raise ConfigError)."""
 
     @abstractmethod
-    def encode(self, logits: torch.Tensor, start: int) -> Encoded:
-        """Teacher logits of rows ``start, start + 1, …`` (``[R, V]``) as storage tensors on their device."""
+    def encode(self, out: Reductions, start: int) -> Encoded:
+        """Teacher logits of rows ``start, start + 1, …`` (``out.logits``, ``[R, V]``, with the reductions
+        every kind shares) as storage tensors on their device."""
 
     def describe_invalid(self, logits: torch.Tensor, row: int) -> str:
         """Why row ``row`` of ``logits`` could not be stored."""
@@ -56,6 +58,12 @@ class Capture(ABC):
 def not_storable(logits: torch.Tensor) -> torch.Tensor:
     """``[R]`` bool: rows holding NaN or +inf (``-inf``, a masked class, is fine)."""
     return ~(logits < float("inf")).all(dim=-1)  # NaN and +inf are the values not below +inf
+
+
+def invalid_rows(out: Reductions) -> torch.Tensor:
+    """``[R]`` bool: rows that hold NaN or +inf, or only -inf: the rows whose logsumexp is not finite
+    (read off the shared reductions: no pass of its own)."""
+    return ~torch.isfinite(out.logsumexp())
 
 
 # --- values: float logits, or quantized log-probabilities -------------------------------------------
@@ -106,13 +114,11 @@ class Values:
         stored = values.to(getattr(torch, self.name))
         return stored.view(torch.int16) if self.name == "bfloat16" else stored
 
-    def overflow(self, stored: torch.Tensor) -> torch.Tensor:
-        """``[R]`` bool: rows whose stored float values became +inf (float16 past 65504)."""
-        if self.quantized:
-            return torch.zeros(stored.shape[0], dtype=torch.bool, device=stored.device)
-        if self.name == "bfloat16":
-            stored = stored.view(torch.bfloat16)
-        return not_storable(stored)
+    def overflow(self, out: Reductions) -> torch.Tensor:
+        """``[R]`` bool: rows whose largest logit does not fit these values (float16 past 65504)."""
+        if self.name != "float16":
+            return torch.zeros(out.z.shape[0], dtype=torch.bool, device=out.z.device)
+        return out.topk(1)[0][:, 0] > 65504
 
     def floored_mass(self, logprob: torch.Tensor) -> torch.Tensor:
         """``[R]``: teacher probability below a quantized value's floor (0 for float values)."""
@@ -144,4 +150,4 @@ def index_dtype(vocab: int) -> str:
     raise ConfigError(f"the teacher has {vocab:,} classes; kdcache stores class ids below 2**31")
 
 
-__all__ = ["Capture", "Codec", "Encoded", "Values", "index_dtype", "not_storable"]
+__all__ = ["Capture", "Codec", "Encoded", "Reductions", "Values", "index_dtype", "invalid_rows", "not_storable"]

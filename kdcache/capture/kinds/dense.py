@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from kdcache.capture.kinds.base import MAX_LOST_MASS, Capture, Encoded, Values, not_storable
+from kdcache.capture.kinds.base import MAX_LOST_MASS, Capture, Encoded, Reductions, Values, invalid_rows
 from kdcache.store.schema import ArraySpec
 
 
@@ -30,13 +30,13 @@ class Dense(Capture):
     def declare(self, logits: torch.Tensor, rows: int) -> list[ArraySpec]:
         return [self.values.spec("logits", (rows, logits.shape[-1]), ("row", "class"))]
 
-    def encode(self, logits: torch.Tensor, start: int) -> Encoded:
+    def encode(self, out: Reductions, start: int) -> Encoded:
+        invalid = invalid_rows(out)  # (R,)
         if self.values.quantized:
-            logprob = torch.log_softmax(logits.float(), dim=-1)  # (R, C)
-            invalid = not_storable(logits) | (self.values.floored_mass(logprob) > MAX_LOST_MASS)
+            logprob = out.z - out.logsumexp()[:, None]  # (R, C)
+            invalid = invalid | (self.values.floored_mass(logprob) > MAX_LOST_MASS)
             return Encoded({"logits": self.values.encode(logprob)}, invalid)
-        stored = self.values.encode(logits)  # (R, C)
-        return Encoded({"logits": stored}, not_storable(logits) | self.values.overflow(stored))
+        return Encoded({"logits": self.values.encode(out.logits)}, invalid | self.values.overflow(out))
 
     def describe_invalid(self, logits: torch.Tensor, row: int) -> str:
         return self.values.describe(logits[row]) or super().describe_invalid(logits, row)

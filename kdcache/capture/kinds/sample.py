@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from kdcache.capture.kinds.base import Capture, Encoded, index_dtype, not_storable
+from kdcache.capture.kinds.base import Capture, Encoded, Reductions, index_dtype, invalid_rows
 from kdcache.errors import ConfigError
 from kdcache.store.schema import ArraySpec
 
@@ -61,15 +61,16 @@ class Sampled(Capture):
             ArraySpec("sample/entropy", (rows,), "float16", ("row",), 0),
         ]
 
-    def encode(self, logits: torch.Tensor, start: int) -> Encoded:
-        invalid = not_storable(logits)  # (R,)
-        z = torch.where(invalid[:, None], torch.zeros_like(logits), logits).float() / self.temperature  # (R, V)
-        logp = torch.log_softmax(z, dim=-1)
-        p = logp.exp()
-        generator = torch.Generator(device=logits.device).manual_seed(_seed(self.seed, start))
+    def encode(self, out: Reductions, start: int) -> Encoded:
+        at = out if self.temperature == 1.0 else Reductions(out.z / self.temperature)  # the proposal
+        invalid = invalid_rows(out)  # (R,)
+        p = at.probs()  # (R, V)
+        if bool(invalid.any()):  # multinomial refuses NaN: draw anything for rows that are refused anyway
+            p = torch.where(invalid[:, None], torch.ones_like(p), p)
+        generator = torch.Generator(device=p.device).manual_seed(_seed(self.seed, start))
         draws = torch.multinomial(p, self.n, replacement=True, generator=generator)  # (R, N)
         unique, counts = unique_counts(draws)
-        entropy = -(p * logp).nan_to_num(0.0).sum(-1)  # (R,) nats at tau
+        entropy = at.entropy()  # (R,) nats at tau
         count_dtype = torch.uint8 if self.n < 256 else torch.int32  # the host narrows to the stored dtype
         return Encoded({"sample/index": unique.to(torch.int32), "sample/count": counts.to(count_dtype),
                         "sample/entropy": entropy.to(torch.float16)}, invalid)

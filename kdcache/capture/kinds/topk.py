@@ -19,7 +19,8 @@ from typing import Any
 
 import torch
 
-from kdcache.capture.kinds.base import MAX_LOST_MASS, Capture, Encoded, Values, index_dtype, not_storable
+from kdcache.capture.kinds.base import (MAX_LOST_MASS, Capture, Encoded, Reductions, Values, index_dtype,
+                                        invalid_rows, not_storable)
 from kdcache.errors import ConfigError
 from kdcache.store.schema import ArraySpec
 
@@ -62,17 +63,16 @@ class TopK(Capture):
             ArraySpec("logsumexp", (rows, len(self.temperatures)), "float32", ("row", "temperature"), 0),
         ]
 
-    def encode(self, logits: torch.Tensor, start: int) -> Encoded:
-        z = logits.float()  # (R, V)
-        lse = torch.stack([torch.logsumexp(z / t, dim=-1) for t in self.temperatures], dim=-1)  # (R, n_T)
-        top = z.topk(self.k, dim=-1)  # values and ids, largest first
-        logprob = top.values - lse[:, :1]  # (R, K) at T = 1
-        stored = self.values.encode(logprob)
-        invalid = not_storable(logits) | self.values.overflow(stored)
+    def encode(self, out: Reductions, start: int) -> Encoded:
+        lse = torch.stack([out.logsumexp(t) for t in self.temperatures], dim=-1)  # (R, n_T)
+        values, ids = out.topk(self.k)  # (R, K), largest first
+        logprob = values - lse[:, :1]  # (R, K) at T = 1
+        invalid = invalid_rows(out)
         if self.values.quantized:
-            invalid |= self.values.floored_mass(logprob) > MAX_LOST_MASS
-        ids = top.indices.to(torch.int32)  # ids < 2**31 (the host narrows them to the stored dtype)
-        return Encoded({"topk/index": ids, "topk/value": stored, "logsumexp": lse}, invalid)
+            invalid = invalid | (self.values.floored_mass(logprob) > MAX_LOST_MASS)
+        # ids < 2**31: int32 crosses to the host, which narrows them to the stored dtype
+        return Encoded({"topk/index": ids.to(torch.int32), "topk/value": self.values.encode(logprob),
+                        "logsumexp": lse}, invalid)
 
     def describe_invalid(self, logits: torch.Tensor, row: int) -> str:
         z = logits[row].float()
