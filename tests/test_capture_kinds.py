@@ -164,3 +164,13 @@ def test_settings_equal_to_the_defaults_are_left_out_of_the_fingerprint():
 def test_bad_capture_settings_name_the_flag(mode, values, temps, says):
     with pytest.raises(ConfigError, match=says):
         parse_logits(mode, values, temps)
+
+
+def test_a_sparse_cache_where_dense_logits_are_needed_names_the_capture(models, tmp_path):
+    from kdcache.loader import CacheDataset
+
+    cache = _dump(models, tmp_path / "k.zarr", "topk:5")
+    with pytest.raises(ValueError, match=r"needs dense teacher logits; this cache holds topk targets .*--logits full"):
+        CacheDataset(cache, None, batch_size=8, targets=("logits",))
+    batch = next(iter(CacheDataset(cache, None, batch_size=8)))  # the default: the targets object
+    assert type(batch["targets"]).__name__ == "TopKTargets" and batch["targets"].index.shape == (8, 5)

@@ -32,7 +32,7 @@ import kdcache
 from kdcache.errors import FingerprintMismatchError
 from kdcache.fingerprint import data_fingerprint
 from kdcache.loader.order import BLOCK, WINDOW, EpochPlan, _int
-from kdcache.loader.targets import TOPK_MODES, make_targets, response_kind
+from kdcache.loader.targets import TOPK_MODES, make_targets, needs_dense, response_kind
 from kdcache.sources.items import NO_LABEL, fetch_batch
 from kdcache.sources.tokens import IDS, MASK, next_token_labels, pad, tokens
 from kdcache.store.reader import Cache
@@ -147,6 +147,8 @@ class CacheDataset(IterableDataset):
         if isinstance(targets, str):
             targets = (targets,)
         missing = [t for t in targets if t not in source.arrays or t in _BASE or source.arrays[t].axis != "row"]
+        if "logits" in missing and isinstance(source, Cache):
+            needs_dense(source.manifest, "targets: 'logits'")
         if missing:
             raise ValueError(f"targets: expected names of arrays in {source!r} (not index or label), "
                              f"got {missing[0]!r} instead")
