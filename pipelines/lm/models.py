@@ -102,7 +102,7 @@ def prepared(path: str | Path | None = None) -> tuple[int, int]:
 
 
 # Sizes: see prepare's output for parameter counts with the prepared vocabulary.
-TEACHER = dict(n_layers=4, d_model=256, n_heads=4)
+TEACHER = dict(n_layers=4, d_model=192, n_heads=4)
 STUDENT = dict(n_layers=1, d_model=96, n_heads=2)
 
 
