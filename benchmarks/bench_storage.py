@@ -1,0 +1,163 @@
+"""Bytes a token against student quality, over every capture of one LM teacher.
+
+    KDCACHE_LM_DIR=runs/lm python benchmarks/bench_storage.py        # after python -m pipelines.lm.prepare
+
+One teacher (pipelines/lm), one training subset (``--tokens``), one student architecture. For each
+capture — full float16, top-k (8, 32, 128) and sampled (N = 16, 50, 100), each top-k and the full one
+with and without quantized values (uint8) — the teacher is dumped once, a student is trained from
+the cache (same seed, epochs, T = 1, alpha = 0.9), and measured on the held-out split. Beside them, a
+student from labels alone, and top-k renormalized against top-k with a tail bucket.
+
+Columns: the targets' bytes a token on disk, the whole cache's, held-out KL(teacher ‖ student) per
+token, its ratio to the full-logit student's, next-token accuracy, perplexity, the student's top-1
+probability and entropy (calibration, against the full-KD student's).
+
+Speed, side by side in this run (``--repeats`` interleaved epochs, medians):
+
+* a sparse-target training step (top-k and sampled targets through ``kd_loss``) against the plain
+  student step (the same student and loader, cross-entropy only); target >= 0.9;
+* dump throughput with top-k and sampled captures against a full dump; target >= 0.95.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import common  # noqa: E402
+
+import kdcache  # noqa: E402
+from kdcache.capture.dump import dump  # noqa: E402
+from kdcache.config import DumpConfig  # noqa: E402
+from kdcache.loader import CacheDataset, make_loader  # noqa: E402
+from kdcache.losses import kd_loss  # noqa: E402
+from pipelines.lm import data, distill, models  # noqa: E402
+
+QUALITY = [("full", "float16"), ("full", "uint8"),
+           *[(f"topk:{k}", v) for k in (8, 32, 128) for v in ("float16", "uint8")],
+           *[(f"sample:{n}", "float16") for n in (16, 50, 100)]]
+
+
+def main() -> None:
+    p = common.parser(__doc__.splitlines()[0])
+    p.add_argument("--out", default=os.environ.get("KDCACHE_LM_DIR", "runs/lm"), help="the prepared LM directory")
+    p.add_argument("--tokens", type=int, default=distill.DEFAULT_TOKENS)
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--alpha", type=float, default=0.9)
+    p.add_argument("--speed-tokens", type=int, default=30_000, help="tokens of the speed comparisons")
+    args = p.parse_args()
+    device = common.setup(args)
+    info = common.machine(device)
+    common.print_machine(info)
+    out = Path(args.out)
+    os.environ["KDCACHE_LM_DIR"] = str(out)
+    os.environ["KDCACHE_LM_TOKENS"] = str(args.tokens)
+
+    caches = {(c, v): distill.dump_cache(out, c, v) for c, v in QUALITY}
+    rows = [{**distill.train_student(out, caches[("sample:16", "float16")], alpha=0.0, epochs=args.epochs,
+                                     tag="labels-only"), "capture": "labels only", "values": "", "bytes": 0.0,
+             "cache_bytes": 0.0}]
+    for (capture, values), cache in caches.items():
+        row = distill.train_student(out, cache, alpha=args.alpha, epochs=args.epochs)
+        rows.append({**row, "capture": capture, "values": values, "bytes": cache.bytes_per_token,
+                     "cache_bytes": cache.bytes / cache.tokens})
+    for values in ("float16",):  # the biased recipe, beside the tail bucket
+        row = distill.train_student(out, caches[("topk:32", values)], alpha=args.alpha, epochs=args.epochs,
+                                    topk_mode="renormalize")
+        rows.append({**row, "capture": "topk:32 renormalize", "values": values,
+                     "bytes": caches[("topk:32", values)].bytes_per_token,
+                     "cache_bytes": caches[("topk:32", values)].bytes / caches[("topk:32", values)].tokens})
+    calibrate(rows, out)
+    full_kl = next(r["kl"] for r in rows if r["capture"] == "full" and r["values"] == "float16")
+    table = [[r["capture"], r["values"], f"{r['bytes']:,.1f}", f"{r['cache_bytes']:,.1f}", f"{r['kl']:.4f}",
+              f"{r['kl'] / full_kl:.3f}", f"{r['accuracy']:.4f}", f"{r['perplexity']:.2f}", f"{r['top1']:.3f}",
+              f"{r['entropy']:.3f}"] for r in rows]
+    print(f"\nteacher {distill.TEACHER}; students on {caches[QUALITY[0]].tokens:,} tokens, {args.epochs} epochs, "
+          f"alpha {args.alpha}, T 1")
+    print(common.table(table, ["capture", "values", "target B/token", "cache B/token", "held-out KL", "x full KL",
+                               "accuracy", "perplexity", "top-1 p", "entropy"]))
+
+    speed = measure_speed(out, args, device)
+    common.save(args.json, {"benchmark": "storage", "command": common.command_line(), "machine": info,
+                            "args": vars(args), "rows": rows, "speed": speed})
+
+
+@torch.no_grad()
+def calibrate(rows: list[dict], out: Path) -> None:
+    """Each student's mean top-1 probability and entropy on held-out text (calibration), in place."""
+    valid = data.valid()
+    batch = data.collate([valid[i] for i in range(min(256, len(valid)))])
+    mask = batch["attention_mask"].bool()
+    for row in rows:
+        student = models.student()
+        student.load_state_dict(torch.load(out / "students" / row["name"] / "student.pt", weights_only=True))
+        student.eval()
+        p = torch.softmax(student(**batch)[mask].float(), -1)
+        row["top1"] = float(p.max(-1).values.mean())
+        row["entropy"] = float(torch.special.entr(p).sum(-1).mean())
+
+
+def measure_speed(out: Path, args, device) -> dict:
+    """Sparse-target training steps against plain steps, and sparse dumps against a full dump."""
+    os.environ["KDCACHE_LM_TOKENS"] = str(args.speed_tokens)
+    speed_dir = out / "speed"
+    caches = {c: speed_dir / f"{c.replace(':', '')}.zarr" for c in ("full", "topk:32", "sample:50")}
+
+    def dumper(capture: str):
+        def run(r: int) -> None:
+            dump(DumpConfig(teacher=distill.TEACHER, checkpoint=str(data.lm_dir() / "teacher.pt"), data=distill.TRAIN,
+                            out=str(caches[capture]), logits=capture, batch_size=32, store_inputs=True,
+                            overwrite=True, device=str(device)), progress=False)
+        return run
+
+    dump_times = common.interleaved({c: dumper(c) for c in caches}, args.repeats, args.warmup, device)
+    student = models.student().to(device)
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-3)
+
+    def trainer(capture: str, kd: bool):
+        cache = kdcache.open(caches[capture])
+        ds = CacheDataset(cache, None, batch_size=32, seed=0, targets=None if kd else ())
+        loader = make_loader(ds)
+
+        def run(r: int) -> None:
+            ds.set_epoch(r + 1000)
+            for batch in loader:
+                x = {k: v.to(device) for k, v in batch["input"].items()}
+                y, mask = batch["label"].to(device), batch["mask"].to(device)
+                s = student(**x)  # (B, L, V)
+                t = batch["targets"].to(device) if kd else None
+                loss = kd_loss(s, t, y, temperature=1.0, alpha=0.9 if kd else 0.0, mask=mask)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+        return run
+
+    steps = {"plain (CE)": trainer("full", False), "top-k:32 KD": trainer("topk:32", True),
+             "sample:50 KD": trainer("sample:50", True)}
+    train_times = common.interleaved(steps, args.repeats, args.warmup, device)
+    med_dump = {k: statistics.median(v) for k, v in dump_times.items()}
+    med_train = {k: statistics.median(v) for k, v in train_times.items()}
+    print("\ndump (same teacher and tokens):")
+    print(common.table([[k, f"{v:.2f}", f"{med_dump['full'] / v:.3f}"] for k, v in med_dump.items()],
+                       ["capture", "median s", "throughput x full"]))
+    print("training epoch (same student and loader):")
+    print(common.table([[k, f"{v:.2f}", f"{med_train['plain (CE)'] / v:.3f}"] for k, v in med_train.items()],
+                       ["step", "median s/epoch", "steps/s x plain"]))
+    verdicts = [common.verdict(f"{c} dump / full dump", med_dump["full"] / med_dump[c], 0.95,
+                               common.paired(dump_times["full"], dump_times[c])) for c in ("topk:32", "sample:50")]
+    verdicts += [common.verdict(f"{k} step / plain step", med_train["plain (CE)"] / med_train[k], 0.9,
+                                common.paired(train_times["plain (CE)"], train_times[k]))
+                 for k in ("top-k:32 KD", "sample:50 KD")]
+    return {"dump_seconds": dump_times, "train_seconds": train_times, "verdicts": verdicts,
+            "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+if __name__ == "__main__":
+    main()

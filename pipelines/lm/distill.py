@@ -1,0 +1,98 @@
+"""Token-level distillation of the prepared teacher through kdcache: dump a cache, train a student
+from it, measure the student on held-out text. Used by ``pipelines/lm/run.py`` and by
+``benchmarks/bench_storage.py``.
+
+The students train on a subset of the training split (``KDCACHE_LM_TOKENS`` tokens, default
+150,000): a full-logit cache of it is ~16 KB a token, and every student must see the same rows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kdcache.capture.dump import dump
+from kdcache.config import DumpConfig, TrainConfig
+from kdcache.store.info import describe
+from kdcache.train import train
+from pipelines.lm import data, models
+from pipelines.lm.evaluate import evaluate
+
+HERE = Path(__file__).resolve().parent
+TEACHER = f"{HERE / 'models.py'}:teacher"
+STUDENT = f"{HERE / 'models.py'}:student"
+TRAIN = f"{HERE / 'distill.py'}:train_subset"
+VALID = f"{HERE / 'data.py'}:valid"
+DEFAULT_TOKENS = 150_000
+
+
+def train_subset():
+    """The first pieces of the training split, up to ``KDCACHE_LM_TOKENS`` tokens (a kdcache spec)."""
+    full = data.train()
+    budget = int(os.environ.get("KDCACHE_LM_TOKENS", DEFAULT_TOKENS))
+    n = int(np.searchsorted(np.cumsum(full.lengths()), budget, side="right"))
+    return torch.utils.data.Subset(full, range(max(n, 1)))
+
+
+@dataclass
+class Cache:
+    name: str
+    capture: str
+    values: str
+    path: Path
+    seconds: float
+    tokens: int
+    bytes: int  # the whole cache on disk
+    target_bytes: int  # the teacher's targets alone (what the capture stores)
+
+    @property
+    def bytes_per_token(self) -> float:
+        return self.target_bytes / self.tokens
+
+
+def dump_cache(root: Path, capture: str, values: str = "float16", temperatures: str = "1") -> Cache:
+    """Dump the teacher over the training subset with ``--logits capture --values values`` (reused
+    when it exists), keeping the input ids so students need no tokenizer."""
+    name = f"{capture}-{values}".replace(":", "")
+    out = root / "caches" / f"{name}.zarr"
+    result = dump(DumpConfig(teacher=TEACHER, checkpoint=str(data.lm_dir() / "teacher.pt"), data=TRAIN,
+                             out=str(out), logits=capture, values=values, temperatures=temperatures,
+                             batch_size=32, store_inputs=True), progress=False)
+    seconds = result.seconds if result.action != "reuse" else float("nan")
+    info = describe(str(out))
+    targets = sum(a["bytes"] for n, a in info["arrays"].items()
+                  if n not in ("index", "offsets", "table") and not n.startswith("inputs/"))
+    return Cache(name, capture, values, out, seconds, result.rows, info["bytes"], targets)
+
+
+def train_student(root: Path, cache: Cache, *, alpha: float, temperature: float = 1.0, topk_mode: str = "tail",
+                  epochs: int = 3, seed: int = 0, tag: str = "") -> dict:
+    """Train the student from ``cache`` (alpha 0: labels only) and measure it on the held-out split:
+    perplexity, next-token accuracy, and KL(teacher ‖ student) per token."""
+    name = tag or f"{cache.name}-a{alpha:g}-T{temperature:g}-{topk_mode}-s{seed}"
+    run = root / "students" / name
+    summary_path = run / "summary.json"
+    if summary_path.exists():
+        summary = json.loads(summary_path.read_text())
+    else:
+        summary = train(TrainConfig(student=STUDENT, data=None, cache=str(cache.path), out=str(run), epochs=epochs,
+                                    batch_size=32, lr=3e-3, temperature=temperature, alpha=alpha, seed=seed,
+                                    topk_mode=topk_mode, device="cpu"), progress=False, overwrite=True)
+    held_out_path = run / "heldout.json"
+    if held_out_path.exists():
+        held_out = json.loads(held_out_path.read_text())
+    else:
+        student = models.student()
+        student.load_state_dict(torch.load(run / "student.pt", weights_only=True))
+        teacher = models.teacher()
+        teacher.load_state_dict(torch.load(data.lm_dir() / "teacher.pt", weights_only=True))
+        held_out = evaluate(student, data.valid(), teacher=teacher)
+        held_out_path.write_text(json.dumps(held_out))
+    seconds = [json.loads(line)["seconds"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {"name": name, "cache": cache.name, "alpha": alpha, "temperature": temperature, "topk_mode": topk_mode,
+            "seed": seed, "train_seconds": summary["seconds"], "epoch_seconds": seconds, **held_out}
