@@ -52,6 +52,8 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--alpha", type=float, default=0.9)
     p.add_argument("--speed-tokens", type=int, default=30_000, help="tokens of the speed comparisons")
+    p.add_argument("--part", choices=("all", "quality", "speed"), default="all",
+                   help="quality: the bytes/token table; speed: step and dump ratios (wants a quiet machine)")
     args = p.parse_args()
     device = common.setup(args)
     info = common.machine(device)
@@ -59,7 +61,16 @@ def main() -> None:
     out = Path(args.out)
     os.environ["KDCACHE_LM_DIR"] = str(out)
     os.environ["KDCACHE_LM_TOKENS"] = str(args.tokens)
+    result = {"benchmark": "storage", "command": common.command_line(), "machine": info, "args": vars(args)}
+    if args.part != "speed":
+        result["rows"] = quality(out, args)
+    if args.part != "quality":
+        result["speed"] = measure_speed(out, args, device)
+    common.save(args.json, result)
 
+
+def quality(out: Path, args) -> list[dict]:
+    """Dump each capture once, train a student from each, measure them on held-out text."""
     caches = {(c, v): distill.dump_cache(out, c, v) for c, v in QUALITY}
     rows = [{**distill.train_student(out, caches[("sample:16", "float16")], alpha=0.0, epochs=args.epochs,
                                      tag="labels-only"), "capture": "labels only", "values": "", "bytes": 0.0,
@@ -83,10 +94,7 @@ def main() -> None:
           f"alpha {args.alpha}, T 1")
     print(common.table(table, ["capture", "values", "target B/token", "cache B/token", "held-out KL", "x full KL",
                                "accuracy", "perplexity", "top-1 p", "entropy"]))
-
-    speed = measure_speed(out, args, device)
-    common.save(args.json, {"benchmark": "storage", "command": common.command_line(), "machine": info,
-                            "args": vars(args), "rows": rows, "speed": speed})
+    return rows
 
 
 @torch.no_grad()

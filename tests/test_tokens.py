@@ -231,3 +231,24 @@ def test_a_student_learns_the_teacher_from_a_token_cache_without_data(lm, tmp_pa
     metrics = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
     assert {"eval_loss", "eval_perplexity", "eval_accuracy"} <= set(metrics[-1])
     assert metrics[-1]["train_loss"] < 0.8 * metrics[0]["train_loss"]  # the KD loss (a KL to the teacher) falls
+
+
+@pytest.mark.parametrize("capture", ["topk:4", "sample:8"])
+def test_ids_wider_than_a_byte_come_back_as_signed_tensors(lm, tmp_path, capture):
+    """A 300-token vocabulary stores ids as uint16: batches still pad, index and feed the loss."""
+    wide = tmp_path / "wide.py"
+    wide.write_text(LM.replace("V = 50", "V = 300"))
+    out = tmp_path / "c.zarr"
+    dump(DumpConfig(teacher=f"{wide}:teacher", data=f"{wide}:data", out=str(out), logits=capture, batch_size=16,
+                    store_inputs=True), progress=False)
+    cache = kdcache.open(out)
+    name = "topk/index" if capture.startswith("topk") else "sample/index"
+    assert cache.arrays[name].dtype == "uint16"
+    batch = next(iter(CacheDataset(cache, None, batch_size=8)))
+    assert batch[name].dtype == torch.int32 and int(batch[name].max()) < 300
+    from kdcache.losses import kd_loss
+
+    student = torch.randn(*batch["mask"].shape, 300, requires_grad=True)
+    loss = kd_loss(student, batch["targets"], batch["label"], temperature=1.0, alpha=0.5, mask=batch["mask"])
+    loss.backward()
+    assert torch.isfinite(loss) and student.grad.abs().sum() > 0

@@ -138,10 +138,16 @@ class Codec:
         return storage
 
     def to_torch(self, stored: np.ndarray):
-        """Stored rows as a torch tensor of the logical dtype (no copy where the bits allow)."""
+        """Stored rows as a torch tensor of the logical dtype (no copy where the bits allow).
+        Unsigned integers wider than a byte (class ids) come back as the next signed dtype: torch
+        has almost no operations on uint16 and uint32 tensors (not even indexed assignment)."""
         import torch
 
-        return torch.from_numpy(stored)
+        widen = _TORCH_WIDER.get(stored.dtype.str[1:])
+        return torch.from_numpy(stored.astype(widen) if widen else stored)
+
+
+_TORCH_WIDER = {"u2": np.int32, "u4": np.int64, "u8": np.int64}
 
 
 @dataclass(frozen=True)
