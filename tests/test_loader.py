@@ -153,7 +153,8 @@ def test_batches_hold_the_cached_targets_and_the_data(cache, data):
     n = 0
     for batch in make_loader(ds):
         rows = batch["row"].numpy()
-        assert set(batch) == {"row", "index", "label", "logits", "input"}
+        assert set(batch) == {"row", "index", "label", "logits", "targets", "input"}
+        assert batch["targets"].logits is batch["logits"]  # the loss's view of the same tensor
         assert np.all(np.diff(rows) > 0)  # ascending storage rows: one forward pass over the pages
         assert batch["logits"].dtype == torch.float32 and batch["logits"].shape == (len(rows), 10)
         assert np.array_equal(batch["logits"].numpy(), logits[rows])
