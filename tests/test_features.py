@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import textwrap
 from pathlib import Path
@@ -10,9 +11,11 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from typer.testing import CliRunner
 
 import kdcache
 from kdcache.capture.dump import dump
+from kdcache.cli import app
 from kdcache.config import DumpConfig
 from kdcache.errors import ConfigError, FingerprintMismatchError
 from kdcache.features import FeatureRequest, FeatureTap, first_tensor, parse_features, pool
@@ -471,3 +474,80 @@ def test_a_sequence_classifier_on_token_items_gets_a_row_per_item(models, hf, tm
                                    o.hidden_states[-1][0, 0].numpy(), rtol=1e-4, atol=1e-5)
     batch = next(iter(CacheDataset(cache, data, batch_size=8)))
     assert batch["input"]["input_ids"].shape[0] == 8 and batch["features/bert.pooler"].shape == (8, 16)
+
+
+# --- the command line -------------------------------------------------------------------------------
+def _cli(*args):
+    r = CliRunner().invoke(app, [str(a) for a in args])
+    assert "Traceback" not in r.stdout + r.stderr, r.stdout + r.stderr
+    return r
+
+
+def test_layers_lists_names_shapes_and_dtypes(models, hf):
+    r = _cli("layers", "--teacher", f"{models}:cnn", "--data", f"{models}:images")
+    assert r.exit_code == 0, r.stderr
+    assert "features.0" in r.stdout and "[2, 4, 6, 6]" in r.stdout and "Conv2d" in r.stdout
+    assert "[2, 6, 1, 1]" in r.stdout and "float32" in r.stdout
+    r = _cli("layers", "--teacher", f"{hf}:bert", "--data", f"{models}:seqs", "--batch-size", "3")
+    assert r.exit_code == 0, r.stderr
+    for name in ("encoder.layer.1", "pooler", "hidden_states.2", "attentions.1"):
+        assert name in r.stdout
+    assert "[3, 2, " in r.stdout  # attention weights: [batch, heads, L, L]
+
+
+def test_info_shows_bytes_per_sample_and_per_sequence(cnn_cache, lm_cache):
+    r = _cli("info", cnn_cache.url)
+    assert r.exit_code == 0 and "features/" in r.stdout and "bytes per sample (a row)" in r.stdout
+    d = json.loads(_cli("info", cnn_cache.url, "--json").stdout)
+    assert d["arrays"]["features/features.0"]["bytes_per_entry"] == 4 * 6 * 6 * 4
+    assert d["arrays"]["features/features.0"]["bytes_per_row"] >= 4 * 6 * 6 * 4
+    r = _cli("info", lm_cache.url)
+    assert r.exit_code == 0 and "bytes per sample (a token)" in r.stdout and "bytes per sequence" in r.stdout
+    d = json.loads(_cli("info", lm_cache.url, "--json").stdout)
+    mix = d["arrays"]["features/mix"]
+    assert mix["bytes_per_entry"] == 64 and mix["bytes_per_sequence"] == pytest.approx(mix["bytes"] / 120)
+    assert d["committed_sequences"] == 120
+
+
+def test_dry_run_projects_the_store_and_writes_nothing(models, tmp_path):
+    out = tmp_path / "never.zarr"
+    r = _cli("dump", "--teacher", f"{models}:lm", "--data", f"{models}:seqs", "--out", out, "--features", "emb",
+             "--features", "mix:mean", "--chunk-rows", "512", "--dry-run")
+    assert r.exit_code == 0, r.stderr
+    assert not out.exists()
+    assert "nothing written" in r.stdout and "chunks of 512 rows" in r.stdout and "features/" in r.stdout
+
+
+def test_features_from_a_config_file(models, tmp_path):
+    config = tmp_path / "c.toml"
+    config.write_text(f'teacher = "{models}:cnn"\ndata = "{models}:images"\nout = "{tmp_path / "c.zarr"}"\n'
+                      '[dump]\nfeatures = ["features.2:mean", "pool"]\nfeatures-dtype = "bfloat16"\n')
+    r = _cli("dump", "--config", config, "-q")
+    assert r.exit_code == 0, r.stderr
+    cache = kdcache.open(tmp_path / "c.zarr")
+    assert {"features/features.2", "features/pool"} <= set(cache.arrays)
+    assert cache.arrays["features/pool"].logical_dtype == "bfloat16"
+
+
+@pytest.mark.parametrize("teacher, data, flags, message", [
+    ("cnn", "images", ["--features", "features.9"],
+     "--features features.9: the model has no layer of that name; close matches: features.3, features.2"),
+    ("cnn", "images", ["--features", "head:cls"],
+     "--features head:cls: the layer's output has shape [1, 10]; cls needs [batch, positions, ...]"),
+    ("cnn", "images", ["--features", "head:max"], "--features head:max: expected POOL one of none, mean, cls, flatten"),
+    ("odd", "kdcache.datasets:digits_train", ["--features", "ids"],
+     "--features ids: the layer's output is a torch.int64 tensor of shape [1]; features must be floating-point"),
+    ("odd", "kdcache.datasets:digits_train", ["--features", "tap"],
+     "--features tap: the layer's output is [256, 4] for the batch of dataset items"),
+    ("lm", "seqs", ["--features", "emb:flatten"], "flattening [1, "),
+    ("cnn", "images", ["--features", "hidden_states.1"], "takes no output_hidden_states argument"),
+    ("cnn", "images", ["--features", "pool", "--features-dtype", "int8"], "--features-dtype must be one of"),
+])
+def test_bad_feature_input_is_one_line(models, tmp_path, teacher, data, flags, message):
+    out = tmp_path / "bad.zarr"
+    r = _cli("dump", "--teacher", f"{models}:{teacher}", "--data", data if ":" in data else f"{models}:{data}",
+             "--out", out, "-q", *flags)
+    assert r.exit_code != 0
+    assert message in r.stderr, r.stderr
+    assert r.stderr.strip().count("\n") == 0 or "error:" in r.stderr.splitlines()[0]
+    assert not (out / "zarr.json").exists() or not kdcache.Cache(out, require_complete=False).complete
