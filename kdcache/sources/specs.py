@@ -2,7 +2,8 @@
 
 * ``package.module:attr`` — an importable object;
 * ``path/to/file.py:attr`` — an object defined in a Python file;
-* ``torchscript:PATH`` — a TorchScript archive (teacher/student only).
+* ``torchscript:PATH`` — a TorchScript archive (teacher/student only);
+* ``hf:DIR`` — a local transformers model directory (teacher/student only; :mod:`kdcache.sources.hf`).
 
 ``attr`` may be a dotted path (``module:Class.factory``). For models the object is an ``nn.Module``
 or a zero-argument factory returning one; for data it is a map-style dataset (``__len__`` and
@@ -23,7 +24,7 @@ import torch
 from torch import nn
 
 from kdcache.errors import SpecError
-from kdcache.sources import _spec_import
+from kdcache.sources import _spec_import, hf
 
 # What a user's module, factory or __len__ may raise that becomes a SpecError: sys.exit() included,
 # so a script that parses its arguments at import time cannot end kdcache.
@@ -96,7 +97,9 @@ def _call_factory(obj: Any, spec: str, flag: str) -> Any:
 
 def load_module(spec: str, flag: str, checkpoint: str | None = None) -> nn.Module:
     """Build the model named by ``spec`` (and load ``checkpoint`` into it, weights only)."""
-    if isinstance(spec, str) and spec.startswith("torchscript:"):
+    if hf.is_hf_spec(spec):
+        model = hf.load_model(spec, flag)
+    elif isinstance(spec, str) and spec.startswith("torchscript:"):
         path = spec[len("torchscript:"):]
         if not Path(path).is_file():
             raise SpecError(f"{flag}: TorchScript file {path!r} does not exist")
