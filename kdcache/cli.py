@@ -35,6 +35,11 @@ ConfigOpt = typer.Option(None, "--config", help="TOML file holding any of these 
                          dir_okay=False)
 DeviceOpt = typer.Option("auto", help="auto (CUDA when available), cpu, cuda or cuda:N.")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bar.")
+TextColumnOpt = typer.Option("text", help="Text data (--data FILE.parquet|.jsonl|.json, a directory, text:PATH): "
+                             "the column holding the text.")
+LabelColumnOpt = typer.Option(None, help="Text data: a column of integer class ids, each item's label.")
+MaxLengthOpt = typer.Option(None, help="Text data: truncate to this many tokens (default: the tokenizer's maximum, at "
+                            "most 512 and at most the model's positions).")
 
 
 def friendly(fn):
@@ -147,16 +152,24 @@ def dump(
                                              "default) or full (every item)."),
     store_inputs: bool = typer.Option(False, help="Token data: keep the input ids in the cache, so `kdcache train` "
                                       "needs no --data and no tokenizer."),
+    tokenizer: Optional[str] = typer.Option(None, help="Text data: the tokenizer's directory (default: the "
+                                            "--teacher hf:DIR's)."),
+    text_column: str = TextColumnOpt,
+    label_column: Optional[str] = LabelColumnOpt,
+    max_length: Optional[int] = MaxLengthOpt,
     quiet: bool = QuietOpt,
     config: Optional[Path] = ConfigOpt,
 ):
     """Run the teacher once over the data and write its outputs to a cache."""
     from kdcache.capture.dump import dump as run_dump
     from kdcache.config import DumpConfig
+    from kdcache.sources.text import TextOptions, text_options
 
     p = _params(ctx, config, "teacher", "data", "out")
     quiet = p.pop("quiet")
-    result = run_dump(DumpConfig(**p), progress=not quiet)
+    cfg = DumpConfig(**p)
+    with text_options(TextOptions.from_config(cfg, "--teacher")):  # how --data text is tokenized
+        result = run_dump(cfg, progress=not quiet)
     if result.action == "reuse":
         err.print(f"{escape(str(result.path))}: a complete cache with the same teacher, data and capture fingerprints "
                   "is already there; reusing it (pass --overwrite to recompute)")
@@ -198,16 +211,24 @@ def train(
     topk_mode: str = typer.Option("tail", help="A top-k cache: the classes beyond the top k as one more class (tail, "
                                    "exact at the dumped temperatures) or renormalize the top k (biased: students come "
                                    "out over-confident)."),
+    tokenizer: Optional[str] = typer.Option(None, help="Text data: the tokenizer's directory (default: the "
+                                            "--student hf:DIR's); the cache's data must come out the same."),
+    text_column: str = TextColumnOpt,
+    label_column: Optional[str] = LabelColumnOpt,
+    max_length: Optional[int] = MaxLengthOpt,
     quiet: bool = QuietOpt,
     config: Optional[Path] = ConfigOpt,
 ):
     """Train a student from a cache (the teacher does not run)."""
     from kdcache.config import TrainConfig
+    from kdcache.sources.text import TextOptions, text_options
     from kdcache.train import train as run_train
 
     p = _params(ctx, config, "student", "out")
     quiet, overwrite = p.pop("quiet"), p.pop("overwrite")
-    summary = run_train(TrainConfig(**p), progress=not quiet, overwrite=overwrite)
+    cfg = TrainConfig(**p)
+    with text_options(TextOptions.from_config(cfg, "--student")):  # how --data/--eval-data text is tokenized
+        summary = run_train(cfg, progress=not quiet, overwrite=overwrite)
     final = summary["final"]
     line = f"trained {summary['epochs']} epochs in {summary['seconds']:.1f} s: train_loss {final['train_loss']:.4f}"
     if summary.get("eval_accuracy") is not None:

@@ -21,6 +21,8 @@ from kdcache.fingerprint import teacher_fingerprint
 from kdcache.sources import freeze, load_module
 from kdcache.sources.hf import save_student
 
+from conftest import run_cli
+
 transformers = pytest.importorskip("transformers")
 
 STDLIB_MODULES = ("json", "collections", "functools", "itertools", "pathlib", "textwrap", "re", "os", "inspect",
@@ -264,3 +266,18 @@ def test_bad_hf_directories_are_one_line_naming_the_flag(models, minilm, tmp_pat
     with pytest.raises(SpecError, match=r"^--teacher hf:.*: needs the transformers package, which is not installed: "
                                         r"pip install transformers \(or pip install 'kdcache\[hf\]'\)$"):
         load_module(f"hf:{models['gpt2']}", "--teacher")
+
+
+def test_the_cli_says_it_in_one_line(corpus, models, tmp_path):
+    root, _ = corpus
+    r = run_cli("dump", "--teacher", f"hf:{tmp_path / 'nope'}", "--data", root / "s.jsonl",
+                "--out", tmp_path / "c.zarr")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.startswith("error: --teacher hf:") and "does not exist" in r.stderr
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(models["gpt2"] / name, bare / name)
+    r = run_cli("dump", "--teacher", f"hf:{bare}", "--data", root / "s.jsonl", "--out", tmp_path / "c.zarr")
+    assert r.returncode == 2 and "holds no tokenizer" in r.stderr and "pass --tokenizer DIR" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr

@@ -3,7 +3,10 @@
 * ``package.module:attr`` — an importable object;
 * ``path/to/file.py:attr`` — an object defined in a Python file;
 * ``torchscript:PATH`` — a TorchScript archive (teacher/student only);
-* ``hf:DIR`` — a local transformers model directory (teacher/student only; :mod:`kdcache.sources.hf`).
+* ``hf:DIR`` — a local transformers model directory (teacher/student only; :mod:`kdcache.sources.hf`);
+* for data only: ``text:PATH``, or a plain path (no ``:``) to a ``.parquet``, ``.jsonl`` or ``.json``
+  file or a directory (of them, or a ``datasets`` ``save_to_disk`` directory) — text, tokenized
+  into token items (:mod:`kdcache.sources.text`).
 
 ``attr`` may be a dotted path (``module:Class.factory``). For models the object is an ``nn.Module``
 or a zero-argument factory returning one; for data it is a map-style dataset (``__len__`` and
@@ -23,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from kdcache.errors import SpecError
+from kdcache.errors import ConfigError, SpecError
 from kdcache.sources import _spec_import, hf
 
 # What a user's module, factory or __len__ may raise that becomes a SpecError: sys.exit() included,
@@ -175,8 +178,29 @@ def _one_line(text: str, limit: int = 400) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def load_dataset(spec: str, flag: str = "--data") -> Any:
-    """Resolve a map-style dataset (or a zero-argument factory returning one)."""
+def load_dataset(spec: str, flag: str = "--data", text: Any = None) -> Any:
+    """Resolve a map-style dataset (or a zero-argument factory returning one), or read text data.
+
+    ``text``: a :class:`kdcache.sources.text.TextOptions` for text data (tokenizer, columns, maximum
+    length); None takes the options of an enclosing :func:`kdcache.sources.text.text_options`
+    block (how the CLI passes its flags), else the defaults.
+    """
+    from kdcache.sources import text as text_data
+
+    options = text if text is not None else text_data.current_options()
+    if text_data.is_text_spec(spec):
+        return text_data.load_text(spec, options, flag)
+    if hf.is_hf_spec(spec):
+        raise SpecError(f"{flag}: {spec!r} is a model spec (hf:DIR); expected a dataset: package.module:attr, "
+                        "file.py:attr, or text data (a .parquet, .jsonl or .json file, a directory, text:PATH)")
+    if isinstance(spec, str) and ":" not in spec:
+        found = "is not a .parquet, .jsonl or .json file" if Path(spec).expanduser().is_file() else "does not exist"
+        raise SpecError(f"{flag}: {spec!r} {found}; expected 'package.module:attr', 'path/to/file.py:attr', "
+                        "or text data (a .parquet, .jsonl or .json file, a directory of them, text:PATH)")
+    given = options.given()
+    if given and flag == "--data":
+        raise ConfigError(f"{given[0]}: only applies to text data (a .parquet, .jsonl or .json file, a directory, "
+                          f"text:PATH); --data {spec} is a Python dataset")
     obj = resolve(spec, flag)
     if not _is_map_style(obj) and callable(obj):
         obj = _call_factory(obj, spec, flag)
