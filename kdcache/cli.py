@@ -35,6 +35,11 @@ ConfigOpt = typer.Option(None, "--config", help="TOML file holding any of these 
                          dir_okay=False)
 DeviceOpt = typer.Option("auto", help="auto (CUDA when available), cpu, cuda or cuda:N.")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bar.")
+TextColumnOpt = typer.Option("text", help="Text data (--data FILE.parquet|.jsonl|.json, a directory, text:PATH): "
+                             "the column holding the text.")
+LabelColumnOpt = typer.Option(None, help="Text data: a column of integer class ids, each item's label.")
+MaxLengthOpt = typer.Option(None, help="Text data: truncate to this many tokens (default: the tokenizer's maximum, at "
+                            "most 512 and at most the model's positions).")
 
 
 def friendly(fn):
@@ -157,20 +162,25 @@ def dump(
     features_dtype: str = typer.Option("float16", help="How --features are stored: float16, bfloat16 or float32."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Probe one item, print the projected store size and chunk "
                                  "layout, and exit without writing anything."),
+    tokenizer: Optional[str] = typer.Option(None, help="Text data: the tokenizer's directory (default: the "
+                                            "--teacher hf:DIR's)."),
+    text_column: str = TextColumnOpt,
+    label_column: Optional[str] = LabelColumnOpt,
+    max_length: Optional[int] = MaxLengthOpt,
     quiet: bool = QuietOpt,
     config: Optional[Path] = ConfigOpt,
 ):
     """Run the teacher once over the data and write its outputs to a cache."""
     from kdcache.capture.dump import dump as run_dump
     from kdcache.config import DumpConfig
-
     p = _params(ctx, config, "teacher", "data", "out")
     quiet, dry_run = p.pop("quiet"), p.pop("dry_run")
     p["features"] = tuple(p.get("features") or ())
+    cfg = DumpConfig(**p)
     if dry_run:
-        _print_projection(DumpConfig(**p))
+        _print_projection(cfg)
         return
-    result = run_dump(DumpConfig(**p), progress=not quiet)
+    result = run_dump(cfg, progress=not quiet)
     if result.action == "reuse":
         err.print(f"{escape(str(result.path))}: a complete cache with the same teacher, data and capture fingerprints "
                   "is already there; reusing it (pass --overwrite to recompute)")
@@ -232,6 +242,11 @@ def train(
     topk_mode: str = typer.Option("tail", help="A top-k cache: the classes beyond the top k as one more class (tail, "
                                    "exact at the dumped temperatures) or renormalize the top k (biased: students come "
                                    "out over-confident)."),
+    tokenizer: Optional[str] = typer.Option(None, help="Text data: the tokenizer's directory (default: the "
+                                            "--student hf:DIR's); the cache's data must come out the same."),
+    text_column: str = TextColumnOpt,
+    label_column: Optional[str] = LabelColumnOpt,
+    max_length: Optional[int] = MaxLengthOpt,
     quiet: bool = QuietOpt,
     config: Optional[Path] = ConfigOpt,
 ):
@@ -241,7 +256,8 @@ def train(
 
     p = _params(ctx, config, "student", "out")
     quiet, overwrite = p.pop("quiet"), p.pop("overwrite")
-    summary = run_train(TrainConfig(**p), progress=not quiet, overwrite=overwrite)
+    cfg = TrainConfig(**p)
+    summary = run_train(cfg, progress=not quiet, overwrite=overwrite)
     final = summary["final"]
     line = f"trained {summary['epochs']} epochs in {summary['seconds']:.1f} s: train_loss {final['train_loss']:.4f}"
     if summary.get("eval_accuracy") is not None:
@@ -332,6 +348,7 @@ def layers(
     from kdcache.errors import ConfigError, DataError, TeacherOutputError
     from kdcache.features import trace_layers
     from kdcache.sources import freeze, load_dataset, load_module
+    from kdcache.sources.text import TextOptions
     from kdcache.sources.items import fetch_batch
     from kdcache.sources.tokens import fetch_padded, is_token_item
 
@@ -339,7 +356,7 @@ def layers(
         raise ConfigError(f"--batch-size must be a positive integer, got {batch_size!r}")
     where = pick_device(device)
     model = freeze(load_module(teacher, "--teacher", checkpoint)).to(where)
-    dataset = load_dataset(data, "--data")
+    dataset = load_dataset(data, "--data", TextOptions(model=teacher))  # text: the hf: teacher's tokenizer
     if len(dataset) == 0:
         raise DataError(f"--data: {data!r} is empty; nothing to run")
     items = list(range(min(batch_size, len(dataset))))

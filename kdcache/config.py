@@ -31,6 +31,16 @@ def _device_ok(value: str) -> bool:
     return value in DEVICES or value.startswith("cuda:")
 
 
+def _text_settings(cfg: Any) -> None:
+    """The text-data settings (--text-column, --label-column, --max-length) of a config."""
+    if not isinstance(cfg.text_column, str) or not cfg.text_column:
+        raise ConfigError(f"--text-column must be a column name, got {cfg.text_column!r}")
+    if cfg.label_column is not None and (not isinstance(cfg.label_column, str) or not cfg.label_column):
+        raise ConfigError(f"--label-column must be a column name, got {cfg.label_column!r}")
+    if cfg.max_length is not None:
+        _positive("--max-length", cfg.max_length)
+
+
 @dataclass(frozen=True)
 class DumpConfig:
     teacher: str
@@ -52,8 +62,14 @@ class DumpConfig:
     store_inputs: bool = False  # token data: keep the input ids, so training needs no --data
     features: tuple[str, ...] = ()  # --features NAME[:POOL]: intermediate layers to keep (kdcache.features)
     features_dtype: str = "float16"  # how they are stored: float16, bfloat16 or float32
+    # text data (kdcache.sources.text): its tokenizer (default: the hf: teacher's), columns, maximum length
+    tokenizer: str | None = None
+    text_column: str = "text"
+    label_column: str | None = None
+    max_length: int | None = None
 
     def __post_init__(self) -> None:
+        _text_settings(self)
         from kdcache.features import parse_features
 
         if isinstance(self.features, str):  # one layer, as a TOML string
@@ -111,8 +127,14 @@ class TrainConfig:
     drop_last: bool = False  # drop each epoch's last partial batch (BatchNorm cannot train on one row)
     log_every: int = 50  # steps between reads of the training loss (a host sync each)
     topk_mode: str = "tail"  # top-k targets: the rest of the mass as one class ("tail"), or "renormalize"
+    # text data (kdcache.sources.text): its tokenizer (default: the hf: student's), columns, maximum length
+    tokenizer: str | None = None
+    text_column: str = "text"
+    label_column: str | None = None
+    max_length: int | None = None
 
     def __post_init__(self) -> None:
+        _text_settings(self)
         _positive("--epochs", self.epochs)
         _positive("--batch-size", self.batch_size)
         if not (_finite(self.lr) and self.lr > 0):

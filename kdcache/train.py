@@ -33,6 +33,7 @@ from kdcache.loader import CacheDataset, DatasetRows, make_loader
 from kdcache.losses import kd_loss
 from kdcache.progress import progress_bar
 from kdcache.sources import freeze, load_dataset, load_module
+from kdcache.sources.text import TextOptions
 from kdcache.sources.items import NO_LABEL, collate_items, split_item
 from kdcache.sources.tokens import IDS, MASK, is_token_item, next_token_labels, pad, tokens
 from kdcache.store.fs import Location
@@ -51,8 +52,9 @@ def train(cfg: TrainConfig, progress: bool = True, overwrite: bool = False) -> d
     _refuse_distributed_env()
     _check_out(cfg.out, overwrite)
     device = pick_device(cfg.device)
-    data = _load_data(cfg.data, "--data") if cfg.data else None
-    eval_data = _load_data(cfg.eval_data, "--eval-data") if cfg.eval_data else None
+    text = TextOptions.from_config(cfg, "--student")  # how text data is tokenized
+    data = _load_data(cfg.data, "--data", text) if cfg.data else None
+    eval_data = _load_data(cfg.eval_data, "--eval-data", text) if cfg.eval_data else None
 
     cache = kdcache.open(cfg.cache) if cfg.cache else None
     if data is None and (cache is None or "inputs/input_ids" not in cache.arrays):
@@ -182,9 +184,9 @@ def _refuse_distributed_env() -> None:
             raise ConfigError(f"environment variable {var}={text}: `kdcache train` runs one process; "
                               "unset it, DDP training is not supported yet")
 
-def _load_data(spec: str, flag: str) -> Any:
+def _load_data(spec: str, flag: str, text: TextOptions) -> Any:
     """The dataset ``spec`` names; an empty one is refused here (nothing to train or evaluate on)."""
-    data = load_dataset(spec, flag)
+    data = load_dataset(spec, flag, text)
     if len(data) == 0:
         raise DataError(f"{flag}: {spec!r} is empty; expected a dataset with at least one item")
     return data

@@ -341,6 +341,9 @@ def test_token_features_a_row_per_token_or_one_per_sequence(models, lm_cache):
         # the dump ran it right-padded in a batch: the masked mean leaves the padding out
         np.testing.assert_allclose(pooled["features/mix"][s], d["mix"][0].mean(0).numpy(), rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(pooled["features/out"][s], d["out"][0, 0].numpy(), rtol=1e-5, atol=1e-6)
+    # read() of a per-sequence array indexes sequences, not token rows
+    np.testing.assert_array_equal(lm_cache.read("features/mix"), pooled["features/mix"])
+    np.testing.assert_array_equal(lm_cache.read("offsets", 3, 5), offsets[3:5])
     assert verify(open_for_verify(str(lm_cache.url))).ok
 
 

@@ -41,6 +41,7 @@ from kdcache.features import FeatureTap
 from kdcache.fingerprint import data_fingerprint, teacher_fingerprint
 from kdcache.progress import progress_bar
 from kdcache.sources import freeze, load_dataset, load_module
+from kdcache.sources.text import TextOptions
 from kdcache.sources.tokens import is_token_item, lengths as token_lengths, pad, tokens
 from kdcache.store.reader import location, survey
 from kdcache.store.schema import ArraySpec, CaptureSpec, DataInfo, Manifest, RowOrder, TeacherInfo
@@ -118,7 +119,7 @@ def _open(cfg: DumpConfig):
     manifest of what is at --out already (None: nothing)."""
     device = pick_device(cfg.device)
     teacher = freeze(load_module(cfg.teacher, "--teacher", cfg.checkpoint))
-    dataset = load_dataset(cfg.data, "--data")
+    dataset = load_dataset(cfg.data, "--data", text=TextOptions.from_config(cfg, "--teacher"))
     if len(dataset) == 0:
         raise DataError(f"--data: {cfg.data!r} is empty; nothing to dump")
     kinds = cfg.captures()

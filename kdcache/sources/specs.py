@@ -2,7 +2,11 @@
 
 * ``package.module:attr`` — an importable object;
 * ``path/to/file.py:attr`` — an object defined in a Python file;
-* ``torchscript:PATH`` — a TorchScript archive (teacher/student only).
+* ``torchscript:PATH`` — a TorchScript archive (teacher/student only);
+* ``hf:DIR`` — a local transformers model directory (teacher/student only; :mod:`kdcache.sources.hf`);
+* for data only: ``text:PATH``, or a plain path (no ``:``) to a ``.parquet``, ``.jsonl`` or ``.json``
+  file or a directory (of them, or a ``datasets`` ``save_to_disk`` directory) — text, tokenized
+  into token items (:mod:`kdcache.sources.text`).
 
 ``attr`` may be a dotted path (``module:Class.factory``). For models the object is an ``nn.Module``
 or a zero-argument factory returning one; for data it is a map-style dataset (``__len__`` and
@@ -22,8 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from kdcache.errors import SpecError
-from kdcache.sources import _spec_import
+from kdcache.errors import ConfigError, SpecError
+from kdcache.sources import _spec_import, hf
 
 # What a user's module, factory or __len__ may raise that becomes a SpecError: sys.exit() included,
 # so a script that parses its arguments at import time cannot end kdcache.
@@ -96,7 +100,9 @@ def _call_factory(obj: Any, spec: str, flag: str) -> Any:
 
 def load_module(spec: str, flag: str, checkpoint: str | None = None) -> nn.Module:
     """Build the model named by ``spec`` (and load ``checkpoint`` into it, weights only)."""
-    if isinstance(spec, str) and spec.startswith("torchscript:"):
+    if hf.is_hf_spec(spec):
+        model = hf.load_model(spec, flag)
+    elif isinstance(spec, str) and spec.startswith("torchscript:"):
         path = spec[len("torchscript:"):]
         if not Path(path).is_file():
             raise SpecError(f"{flag}: TorchScript file {path!r} does not exist")
@@ -172,8 +178,28 @@ def _one_line(text: str, limit: int = 400) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def load_dataset(spec: str, flag: str = "--data") -> Any:
-    """Resolve a map-style dataset (or a zero-argument factory returning one)."""
+def load_dataset(spec: str, flag: str = "--data", text: Any = None) -> Any:
+    """Resolve a map-style dataset (or a zero-argument factory returning one), or read text data.
+
+    ``text``: a :class:`kdcache.sources.text.TextOptions` for text data (tokenizer, columns, maximum
+    length; ``DumpConfig``/``TrainConfig`` carry them: ``TextOptions.from_config``); None: the defaults.
+    """
+    from kdcache.sources import text as text_data
+
+    options = text if text is not None else text_data.TextOptions()
+    if text_data.is_text_spec(spec):
+        return text_data.load_text(spec, options, flag)
+    if hf.is_hf_spec(spec):
+        raise SpecError(f"{flag}: {spec!r} is a model spec (hf:DIR); expected a dataset: package.module:attr, "
+                        "file.py:attr, or text data (a .parquet, .jsonl or .json file, a directory, text:PATH)")
+    if isinstance(spec, str) and ":" not in spec:
+        found = "is not a .parquet, .jsonl or .json file" if Path(spec).expanduser().is_file() else "does not exist"
+        raise SpecError(f"{flag}: {spec!r} {found}; expected 'package.module:attr', 'path/to/file.py:attr', "
+                        "or text data (a .parquet, .jsonl or .json file, a directory of them, text:PATH)")
+    given = options.given()
+    if given and flag == "--data":
+        raise ConfigError(f"{given[0]}: only applies to text data (a .parquet, .jsonl or .json file, a directory, "
+                          f"text:PATH); --data {spec} is a Python dataset")
     obj = resolve(spec, flag)
     if not _is_map_style(obj) and callable(obj):
         obj = _call_factory(obj, spec, flag)

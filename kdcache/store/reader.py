@@ -336,7 +336,15 @@ class Cache:
         return size > memory // 2
 
     def read(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
-        """Rows ``start:stop`` of one array (storage dtype): a copy, from committed chunks only."""
+        """Entries ``start:stop`` of one array (storage dtype), from committed chunks only: rows, or
+        sequences for a per-sequence array of a token cache."""
+        spec = self.arrays[name]
+        if spec.axis == "sequence":
+            stop = spec.shape[0] if stop is None else min(stop, spec.shape[0])
+            index = np.arange(start, max(start, stop), dtype=np.int64)
+            if spec.computed:
+                return self.gather_sequences([name], index)[name]
+            return self.sequence_array(name)[index]
         stop = self.rows if stop is None else min(stop, self.rows)
         return self.gather([name], np.arange(start, max(start, stop), dtype=np.int64))[name]
 
