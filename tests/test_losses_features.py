@@ -207,6 +207,16 @@ def test_projector_maps_channels_of_conv_maps():
     torch.testing.assert_close(out, conv)
 
 
+def test_projector_axis_can_be_given():
+    """Per-token maps (B, L, H, D): axis=-1 maps D, not the token axis 1."""
+    proj = Projector("s", "t", axis=-1)
+    assert proj(torch.randn(2, 5, 3, 4), torch.randn(2, 5, 3, 6)).shape == (2, 5, 3, 6)
+    with pytest.raises(ValueError, match="sizes beside the feature axis 1 differ"):
+        Projector("s", "t")(torch.randn(2, 5, 3, 4), torch.randn(2, 5, 3, 6))  # the default: channels
+    with pytest.raises(ValueError, match="axis 3 is out of range for 2 dims"):
+        Projector("s", "t", axis=3)(torch.randn(2, 5), torch.randn(2, 6))
+
+
 @pytest.mark.parametrize("student, teacher, why", [
     ((4, 8), (4, 5, 8), "have 2 and 3 dims"),
     ((2, 4, 3, 3), (2, 6, 4, 4), r"spatial sizes beside the feature axis 1 differ \(\(2, 3, 3\) vs \(2, 4, 4\)\)"),

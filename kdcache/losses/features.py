@@ -101,9 +101,10 @@ def feature_loss(
 class Projector(nn.Module):
     """A learned linear map of the student's feature width onto the teacher's (FitNets' regressor).
 
-    Built lazily, on the first call, from the shapes it is given: the *feature axis* is the last
-    one, or axis 1 for tensors of rank 4 or more (convolutional maps ``(N, C, H, W[, D])``, mapped
-    by what amounts to a 1x1 convolution). Every other axis (batch, tokens, spatial) must match.
+    Built lazily, on the first call, from the shapes it is given: the *feature axis* is ``axis``,
+    by default the last one, or axis 1 for tensors of rank 4 or more (convolutional maps
+    ``(N, C, H, W[, D])``, mapped by what amounts to a 1x1 convolution); pass ``axis=-1`` for
+    per-token tensors ``(B, L, H, D)``. Every other axis (batch, tokens, spatial) must match.
     When the widths are equal the projector is the identity and has no parameters; otherwise it is
     an ``nn.Linear(student_width, teacher_width)`` with bias, created on the student tensor's
     device and dtype (run one batch through it before building the optimizer).
@@ -116,16 +117,20 @@ class Projector(nn.Module):
     and shapes. Later calls must keep the widths of the first one.
     """
 
-    def __init__(self, student_layer: str = "student", teacher_layer: str = "teacher") -> None:
+    def __init__(self, student_layer: str = "student", teacher_layer: str = "teacher", axis: int | None = None) -> None:
         super().__init__()
         self.student_layer, self.teacher_layer = student_layer, teacher_layer
+        self.axis = axis  # None: feature_axis(ndim)
         self.linear: nn.Linear | None = None
         self.widths: tuple[int, int] | None = None  # (student, teacher), once built
 
     @staticmethod
     def feature_axis(ndim: int) -> int:
-        """The axis a projector maps: 1 for rank >= 4 (N, C, spatial...), else the last."""
+        """The axis a projector maps by default: 1 for rank >= 4 (N, C, spatial...), else the last."""
         return 1 if ndim >= 4 else ndim - 1
+
+    def _axis(self, ndim: int) -> int:
+        return self.feature_axis(ndim) if self.axis is None else self.axis % ndim
 
     def _fail(self, student: Tensor, teacher: Tensor, why: str) -> ValueError:
         return ValueError(
@@ -141,7 +146,9 @@ class Projector(nn.Module):
                              "feature axis may differ (pool one of them, e.g. mean, to match)")
         if student.ndim < 2:
             raise self._fail(student, teacher, "expected (B, D) or more dims, a batch of feature vectors")
-        axis = self.feature_axis(student.ndim)
+        if self.axis is not None and not -student.ndim <= self.axis < student.ndim:
+            raise self._fail(student, teacher, f"axis {self.axis} is out of range for {student.ndim} dims")
+        axis = self._axis(student.ndim)
         other_s = student.shape[:axis] + student.shape[axis + 1:]
         other_t = teacher.shape[:axis] + teacher.shape[axis + 1:]
         if other_s != other_t:
@@ -164,7 +171,7 @@ class Projector(nn.Module):
         self.build(student, teacher)
         if self.linear is None:
             return student
-        axis = self.feature_axis(student.ndim)
+        axis = self._axis(student.ndim)
         if axis == student.ndim - 1:
             return self.linear(student)
         return self.linear(student.movedim(axis, -1)).movedim(-1, axis)
