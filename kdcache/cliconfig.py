@@ -99,6 +99,13 @@ _TOML_TYPE = {bool: "a boolean (true/false)", int: "an integer", float: "a numbe
 
 def _cast(value: Any, hint: Any, config: Path, key: str) -> Any:
     """Check a TOML value against the flag's type strictly (TOML has types: ``"8"`` is not 8)."""
+    if typing.get_origin(hint) is list:  # a repeatable flag: a list of strings (or one string)
+        if isinstance(value, str):
+            return [value]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"--config {config}: key {key!r} must be a list of strings (or one string), "
+                              f"got {type(value).__name__} {value!r}")
+        return value
     if hint not in _TOML_TYPE:
         return value
     ok = {

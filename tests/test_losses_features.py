@@ -230,6 +230,14 @@ def test_projector_names_both_layers_and_shapes_when_it_cannot_map(student, teac
         proj(torch.zeros(student), torch.zeros(teacher))
 
 
+def test_projector_built_without_gradients_still_trains():
+    """Built in a probe under no_grad (as `kdcache train` does), its parameters still take gradients."""
+    proj = Projector("a", "b")
+    with torch.no_grad():
+        proj.build(torch.zeros(2, 3), torch.zeros(2, 5))
+    assert all(p.requires_grad for p in proj.parameters()) and len(list(proj.parameters())) == 2
+
+
 def test_projector_keeps_its_first_widths():
     proj = Projector("a", "b")
     proj(torch.zeros(2, 3), torch.zeros(2, 5))
