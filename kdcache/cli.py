@@ -1,6 +1,6 @@
-"""The ``kdcache`` command line: dump, train, info, verify.
+"""The ``kdcache`` command line: dump, train, info, verify, layers.
 
-Every command takes ``--config FILE.toml`` (any flag as a key; flags override the file). Bad input
+``dump`` and ``train`` take ``--config FILE.toml`` (any flag as a key; flags override the file). Bad input
 prints one line naming the flag, file or row at fault and exits non-zero, without a traceback.
 """
 
@@ -15,7 +15,7 @@ from typing import List, Optional
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
+from rich.table import Column, Table
 
 from kdcache.cliconfig import merged_params, require
 from kdcache.errors import KDCacheError
@@ -147,6 +147,15 @@ def dump(
                                              "default) or full (every item)."),
     store_inputs: bool = typer.Option(False, help="Token data: keep the input ids in the cache, so `kdcache train` "
                                       "needs no --data and no tokenizer."),
+    features: Optional[list[str]] = typer.Option(None, "--features", help="NAME[:POOL] (repeatable): also keep this "
+                                                 "layer's output as features/NAME. NAME: a module (`kdcache layers` "
+                                                 "lists them) or hidden_states.N / attentions.N (Hugging Face); POOL: "
+                                                 "none (default), mean (over tokens, skipping padding; over H, W of a "
+                                                 "conv map), cls (position 0) or flatten. With --logits none the "
+                                                 "teacher needs no logits."),
+    features_dtype: str = typer.Option("float16", help="How --features are stored: float16, bfloat16 or float32."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Probe one item, print the projected store size and chunk "
+                                 "layout, and exit without writing anything."),
     quiet: bool = QuietOpt,
     config: Optional[Path] = ConfigOpt,
 ):
@@ -155,7 +164,11 @@ def dump(
     from kdcache.config import DumpConfig
 
     p = _params(ctx, config, "teacher", "data", "out")
-    quiet = p.pop("quiet")
+    quiet, dry_run = p.pop("quiet"), p.pop("dry_run")
+    p["features"] = tuple(p.get("features") or ())
+    if dry_run:
+        _print_projection(DumpConfig(**p))
+        return
     result = run_dump(DumpConfig(**p), progress=not quiet)
     if result.action == "reuse":
         err.print(f"{escape(str(result.path))}: a complete cache with the same teacher, data and capture fingerprints "
@@ -164,6 +177,26 @@ def dump(
         verb = "resumed" if result.action == "resume" else "wrote"
         err.print(f"{verb} {escape(str(result.path))}: {result.rows_computed:,} of {result.rows:,} rows computed "
                   f"in {result.seconds:.1f} s")
+
+
+def _print_projection(cfg) -> None:
+    from kdcache.capture.dump import project
+
+    proj = project(cfg)
+    table = Table(Column("array", overflow="fold"), Column("shape", overflow="fold"), Column("dtype", overflow="fold"),
+                  "chunk", "chunks", "bytes/row", "bytes")
+    for a in proj.arrays:
+        stored = a["dtype"] + ("+zstd" if a["compressor"] else "")
+        table.add_row(a["name"], str(tuple(a["shape"])), stored, f"{a['chunk_entries']:,}", f"{a['chunks']:,}",
+                      f"{a['bytes_per_row']:,.1f}", f"{a['bytes']:,}")
+    out.print(table)
+    if any(a["compressor"] for a in proj.arrays):
+        out.print("+zstd: bytes before compression (an upper bound)", highlight=False)
+    sequences = f" ({proj.sequences:,} sequences)" if proj.sequences else ""
+    out.print(f"{escape(str(proj.out))}: would hold {proj.rows:,} rows{sequences} in {proj.chunks:,} chunks of "
+              f"{proj.chunk_rows:,} rows: {proj.bytes:,} bytes ({proj.bytes / 2**20:,.1f} MiB) of arrays, "
+              f"{proj.bytes / proj.rows:,.1f} bytes per row, plus the per-row table; nothing written (--dry-run)",
+              highlight=False)
 
 
 @app.command()
@@ -259,7 +292,10 @@ def info(
               f"({m['data']['check']})", highlight=False)
     kinds = ", ".join(f"{c['kind']} v{c['version']} {json.dumps(c['settings'])}" for c in m["capture"])
     out.print(f"capture  {escape(kinds)}  fingerprint {fps['capture'][:16]}", highlight=False)
-    table = Table("array", "shape", "stored as", "bytes on disk", "bytes/row")
+    tokens = d["committed_sequences"] is not None
+    table = Table(Column("array", overflow="fold"), Column("shape", overflow="fold"), Column("stored as", overflow="fold"),
+                  "axis", "bytes on disk", "bytes/row" if not tokens else "bytes/token",
+                  *(["bytes/sequence"] if tokens else []))
     for name, a in d["arrays"].items():
         shape = str(tuple(a["shape"])) if "shape" in a else ", ".join(a.get("columns", []))
         stored = a.get("dtype", "parquet")
@@ -267,9 +303,12 @@ def info(
             stored += f" → {a['logical_dtype']}"
         if a.get("compressor"):
             stored += f", {a['compressor']}"
-        table.add_row(name, shape, stored, f"{a['bytes']:,}", f"{a['bytes_per_row']:,.1f}")
+        table.add_row(name, shape, stored, a.get("axis", ""), f"{a['bytes']:,}", f"{a['bytes_per_row']:,.1f}",
+                      *([f"{a['bytes_per_sequence']:,.1f}"] if tokens else []))
     out.print(table)
-    out.print(f"total {d['bytes']:,} bytes, {d['bytes_per_sample']:.1f} bytes per sample", highlight=False)
+    per_sequence = f", {d['bytes_per_sequence']:.1f} bytes per sequence" if tokens else ""
+    out.print(f"total {d['bytes']:,} bytes, {d['bytes_per_sample']:.1f} bytes per sample "
+              f"({'a token' if tokens else 'a row'}){per_sequence}", highlight=False)
 
 
 @app.command()
@@ -293,6 +332,50 @@ def verify(
         err.print(f"{escape(path)}: {len(report.problems)} problem(s) in {report.chunks} committed chunks{pending}")
         raise typer.Exit(1)
     err.print(f"{escape(path)}: ok, {report.chunks} chunks, {report.bytes:,} bytes checked{pending}")
+
+
+@app.command()
+@friendly
+def layers(
+    teacher: str = typer.Option(..., help="Model spec: pkg.module:attr, file.py:attr or torchscript:PATH."),
+    data: str = typer.Option(..., help="Dataset spec: its first items are the batch the model runs on."),
+    checkpoint: Optional[str] = typer.Option(None, help="State dict for the model, loaded with weights_only=True."),
+    batch_size: int = typer.Option(2, help="Items in the one batch that runs."),
+    device: str = DeviceOpt,
+):
+    """List the layers --features can name, with their output shapes and dtypes (one batch runs)."""
+    import torch
+
+    from kdcache.capture.outputs import to_device
+    from kdcache.config import pick_device
+    from kdcache.errors import ConfigError, DataError, TeacherOutputError
+    from kdcache.features import trace_layers
+    from kdcache.sources import freeze, load_dataset, load_module
+    from kdcache.sources.items import fetch_batch
+    from kdcache.sources.tokens import fetch_padded, is_token_item
+
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size must be a positive integer, got {batch_size!r}")
+    where = pick_device(device)
+    model = freeze(load_module(teacher, "--teacher", checkpoint)).to(where)
+    dataset = load_dataset(data, "--data")
+    if len(dataset) == 0:
+        raise DataError(f"--data: {data!r} is empty; nothing to run")
+    items = list(range(min(batch_size, len(dataset))))
+    inputs = fetch_padded(dataset, items)[0] if is_token_item(dataset[0]) else fetch_batch(dataset, items)[0]
+    try:
+        with torch.inference_mode():
+            rows = trace_layers(model, to_device(inputs, where))
+    except Exception as e:
+        raise TeacherOutputError(f"--teacher: forward failed on dataset items 0..{items[-1]}: "
+                                 f"{type(e).__name__}: {e}") from None
+    table = Table(Column("layer", overflow="fold"), Column("module", overflow="fold"), "output shape", "dtype")
+    for r in rows:
+        shape = "[" + ", ".join(map(str, r["shape"])) + "]" if r["shape"] is not None else "—"
+        table.add_row(escape(r["name"]), escape(r["module"]), shape, escape(r["dtype"]))
+    out.print(table)
+    out.print(f"a batch of {len(items)}; give --features NAME[:POOL] to `kdcache dump` (POOL: none, mean, cls, "
+              "flatten)", highlight=False)
 
 
 def main() -> None:

@@ -98,11 +98,12 @@ _TOML_TYPE = {bool: "a boolean (true/false)", int: "an integer", float: "a numbe
 
 
 def _cast(value: Any, hint: Any, config: Path, key: str) -> Any:
-    """Check a TOML value against the flag's type strictly (TOML has types: ``"8"`` is not 8)."""
-    if typing.get_origin(hint) is list:  # a repeatable flag: a list of strings (or one string)
+    """Check a TOML value against the flag's type strictly (TOML has types: ``"8"`` is not 8). A
+    repeatable flag (``--features``) takes a list of strings, or one string."""
+    if typing.get_origin(hint) is list:
         if isinstance(value, str):
             return [value]
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        if not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
             raise ConfigError(f"--config {config}: key {key!r} must be a list of strings (or one string), "
                               f"got {type(value).__name__} {value!r}")
         return value

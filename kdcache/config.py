@@ -51,8 +51,17 @@ class DumpConfig:
     order_seed: int = 0
     data_check: str | None = None  # None: "sampled", or what a partial dump at --out used
     store_inputs: bool = False  # token data: keep the input ids, so training needs no --data
+    features: tuple[str, ...] = ()  # --features NAME[:POOL]: intermediate layers to keep (kdcache.features)
+    features_dtype: str = "float16"  # how they are stored: float16, bfloat16 or float32
 
     def __post_init__(self) -> None:
+        from kdcache.features import parse_features
+
+        if isinstance(self.features, str):  # one layer, as a TOML string
+            object.__setattr__(self, "features", (self.features,))
+        object.__setattr__(self, "features", tuple(self.features or ()))
+        parse_features(self.features)
+        _choice("--features-dtype", self.features_dtype, ("float16", "bfloat16", "float32"))
         _positive("--batch-size", self.batch_size)
         if self.chunk_rows is not None:
             _positive("--chunk-rows", self.chunk_rows)
@@ -68,9 +77,13 @@ class DumpConfig:
 
     def captures(self) -> list:
         """The capture kinds this dump runs (what is stored, one class each)."""
-        from kdcache.capture.kinds import parse_logits
+        from kdcache.capture.kinds import Features, parse_logits
+        from kdcache.features import parse_features
 
-        return parse_logits(self.logits, self.values, self.temperatures)
+        kinds = parse_logits(self.logits, self.values, self.temperatures)
+        if self.features:
+            kinds.append(Features(parse_features(self.features), self.features_dtype))
+        return kinds
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

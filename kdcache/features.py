@@ -289,5 +289,47 @@ def _shape(shape: tuple[int, ...]) -> str:
     return "[" + ", ".join(map(str, shape)) + "]"
 
 
+
+
+def trace_layers(model: nn.Module, inputs: Any) -> list[dict[str, Any]]:
+    """Run ``model`` once on ``inputs`` and report every layer ``--features`` can name: each module
+    (``name``, ``module`` class, ``shape`` and ``dtype`` of the tensor taken of its output by the
+    rule above; None for a module that did not run), then ``hidden_states.N`` and
+    ``attentions.N`` when the model returns them (Hugging Face models are asked for them)."""
+    seen: dict[str, tuple[tuple[int, ...] | None, str]] = {}
+
+    def hook(name: str):
+        def record(module: nn.Module, args: Any, output: Any) -> None:
+            found = first_tensor(output)
+            seen[name] = (tuple(found.shape), str(found.dtype).removeprefix("torch.")) if found is not None else \
+                (None, f"({type(output).__name__}: no tensor)")
+
+        return record
+
+    modules = [(n, m) for n, m in model.named_modules() if n]
+    extra = {f"output_{kind}": True for kind in PSEUDO if _accepts(model, f"output_{kind}")}
+    tap = FeatureTap(model, ["attentions.0"]) if "output_attentions" in extra else None
+    handles = [m.register_forward_hook(hook(n)) for n, m in modules]
+    try:
+        if tap is not None:
+            tap._eager_attention()
+        output = model(**inputs, **extra) if isinstance(inputs, dict) else model(inputs, **extra)
+    finally:
+        for handle in handles:
+            handle.remove()
+        if tap is not None:
+            tap.__exit__(None, None, None)
+    rows = [{"name": n, "module": type(m).__name__, "shape": seen.get(n, (None, ""))[0],
+             "dtype": seen[n][1] if n in seen else "(did not run)"} for n, m in modules]
+    for kind in PSEUDO:
+        found = _output_field(output, kind)
+        if isinstance(found, (tuple, list)):
+            rows += [{"name": f"{kind}.{i}", "module": f"output.{kind}[{i}]",
+                      "shape": tuple(t.shape) if isinstance(t, torch.Tensor) else None,
+                      "dtype": str(t.dtype).removeprefix("torch.") if isinstance(t, torch.Tensor) else ""}
+                     for i, t in enumerate(found)]
+    return rows
+
+
 __all__ = ["POOLS", "FeatureRequest", "FeatureTap", "first_tensor", "layer_names", "parse_features", "pool",
-           "pseudo_index"]
+           "pseudo_index", "trace_layers"]

@@ -63,11 +63,17 @@ LM = textwrap.dedent(
     def mismatched():
         return Seqs(mismatch=True)
 
-    def flat_teacher():  # returns (B, V): not token logits
+    def flat_teacher():  # returns (B, V): one row per sequence (a classifier), not token logits
         class Flat(TinyLM):
             def forward(self, input_ids, attention_mask=None):
                 return super().forward(input_ids)[:, -1]
         return Flat()
+
+    def deep_teacher():  # returns (B, L, V, 1): neither
+        class Deep(TinyLM):
+            def forward(self, input_ids, attention_mask=None):
+                return super().forward(input_ids)[..., None]
+        return Deep()
     """
 )
 
@@ -183,14 +189,27 @@ def test_a_partial_token_cache_yields_only_whole_committed_sequences(lm, tmp_pat
 def test_bad_token_input(lm, tmp_path):
     with pytest.raises(DataError, match="item 5 has input_ids of length .* attention_mask of length"):
         dump(_cfg(lm, tmp_path / "a.zarr", data=f"{lm}:mismatched"), progress=False)
-    with pytest.raises(TeacherOutputError, match=r"shape \(1, 50\) .* expected floating-point logits of shape "
-                                                 r"\[batch, length, vocab\]"):
-        dump(_cfg(lm, tmp_path / "b.zarr", teacher=f"{lm}:flat_teacher"), progress=False)
+    with pytest.raises(TeacherOutputError, match=r"shape \(1, \d+, 50, 1\) .* expected floating-point logits of "
+                                                 r"shape \[batch, length, vocab\]"):
+        dump(_cfg(lm, tmp_path / "b.zarr", teacher=f"{lm}:deep_teacher"), progress=False)
     with pytest.raises(ConfigError, match="--store-inputs: keeps token ids, and these items are not token dicts"):
         dump(DumpConfig(teacher=f"{lm}:teacher", data="kdcache.datasets:digits_train", out=str(tmp_path / "c.zarr"),
                         store_inputs=True), progress=False)
     for name in ("a.zarr", "b.zarr", "c.zarr"):
         assert not (tmp_path / name).exists()
+
+
+def test_a_teacher_answering_per_sequence_gets_a_row_per_item(lm, tmp_path):
+    """(B, V) logits on token items (a sequence classifier): the items are right-padded into
+    batches and each is one row, as sample data."""
+    result = dump(_cfg(lm, tmp_path / "flat.zarr", teacher=f"{lm}:flat_teacher", chunk_rows=None), progress=False)
+    cache = kdcache.open(result.path)
+    assert cache.manifest.sequences is None and cache.rows == 240 and cache.manifest.classes == 50
+    assert set(cache.arrays) == {"index", "label", "logits"} and (cache.read("label") == -1).all()
+    np.testing.assert_array_equal(np.sort(cache.read("index")), np.arange(240))
+    with pytest.raises(ConfigError, match="--store-inputs: keeps the input ids of a cache with a row per token"):
+        dump(_cfg(lm, tmp_path / "s.zarr", teacher=f"{lm}:flat_teacher", chunk_rows=None, store_inputs=True),
+             progress=False)
 
 
 STUDENT = textwrap.dedent(

@@ -6,6 +6,11 @@ each capture kind reduce its output on the teacher's device, and a writer thread
 into whole chunks and commits them. On CUDA, batches arrive in pinned memory and both copies are
 non-blocking; the writer waits on a CUDA event, not on the stream.
 
+The teacher runs inside a :class:`~kdcache.features.FeatureTap` holding hooks on the layers
+``--features`` names (none otherwise); pooled per-sequence features of token data are gathered
+into their own chunks, each committed with the row chunk that completes it, and a resumed dump
+runs again the few committed batches whose sequences an unfinished such chunk still needs.
+
 A row is a dataset item, or a token of token data (:mod:`kdcache.capture.layouts`). Items are
 stored in a seeded permutation (:class:`~kdcache.store.schema.RowOrder`): a class-sorted dataset
 (ImageFolder) is stored well mixed, so any run of rows is a uniform sample. Batches never straddle
@@ -18,7 +23,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Iterator
 
 import numpy as np
@@ -28,16 +33,17 @@ from torch.utils.data import DataLoader
 
 import kdcache
 from kdcache.capture.kinds import Capture
-from kdcache.capture.layouts import Rows, SampleRows, Step, TokenRows
-from kdcache.capture.outputs import call_model, to_device
+from kdcache.capture.layouts import PaddedItemRows, Probe, Rows, SampleRows, Step, TokenRows, sequence_level
+from kdcache.capture.outputs import to_device
 from kdcache.config import DumpConfig, pick_device
 from kdcache.errors import ConfigError, DataError, KDCacheError, StoreError, TeacherOutputError
+from kdcache.features import FeatureTap
 from kdcache.fingerprint import data_fingerprint, teacher_fingerprint
 from kdcache.progress import progress_bar
 from kdcache.sources import freeze, load_dataset, load_module
-from kdcache.sources.tokens import is_token_item, lengths as token_lengths
+from kdcache.sources.tokens import is_token_item, lengths as token_lengths, pad, tokens
 from kdcache.store.reader import location, survey
-from kdcache.store.schema import CaptureSpec, DataInfo, Manifest, RowOrder, TeacherInfo
+from kdcache.store.schema import ArraySpec, CaptureSpec, DataInfo, Manifest, RowOrder, TeacherInfo
 from kdcache.store.writer import Writer
 
 PREFETCH_BATCHES = 4
@@ -65,6 +71,51 @@ def default_chunk_rows(row_bytes: int, rows: int, target: int = CHUNK_TARGET_BYT
 
 def dump(cfg: DumpConfig, progress: bool = True) -> DumpResult:
     t0 = time.perf_counter()
+    device, teacher, dataset, kinds, order, existing = _open(cfg)
+    check = cfg.data_check or (existing.data.check if existing is not None else "sampled")
+    fp = teacher_fingerprint(teacher, cfg.checkpoint)
+    data_fp = _data_fingerprint(dataset, check, progress)
+    teacher = teacher.to(device)
+    with FeatureTap(teacher, [name for k in kinds for name in k.layers()]) as tap:
+        # Probe the first item: its output sets the layout, the arrays and the chunk size before anything is written.
+        layout, probe = _probe(cfg, dataset, order, kinds, tap, device, progress)
+        arrays = _declare(cfg, layout, kinds, probe)
+        manifest = Manifest(
+            rows=layout.rows, chunk_rows=_chunk_rows(cfg, _row_bytes(arrays, layout.rows), layout.rows, existing),
+            order=order, sequences=layout.sequences,
+            classes=probe.logits.shape[-1] if probe.logits is not None else None,
+            teacher=TeacherInfo(spec=cfg.teacher, checkpoint=cfg.checkpoint, digest=fp.digest, weights=fp.weights,
+                                code=fp.code),
+            data=DataInfo(spec=cfg.data, length=len(dataset), fingerprint=data_fp, check=check),
+            capture=tuple(k.spec() for k in kinds) + (_inputs_spec(),) * cfg.store_inputs,
+            created_with={"kdcache": kdcache.__version__, "torch": torch.__version__, "zarr": _zarr_version()},
+        )
+
+        writer = Writer.begin(cfg.out, manifest, overwrite=cfg.overwrite, resume=cfg.resume)
+        if writer is None:
+            return DumpResult("reuse", cfg.out, layout.rows, 0, time.perf_counter() - t0, existing)
+        action = "new" if writer.created or cfg.overwrite else "resume"
+        todo = 0
+        try:
+            writer.create_arrays(arrays, layout.columns)
+            writer.write_sequences(layout.sequence_data())
+            pending = writer.pending_chunks()
+            plan = layout.steps(pending, writer.manifest.chunk_rows, cfg.batch_size)
+            todo = sum(b - a for a, b in map(writer.manifest.chunk_bounds, pending))
+            pooled = None
+            if writer.manifest.computed_arrays:
+                pooled = SequenceChunks(writer.manifest, layout.offsets, pending)
+                plan = _replays(layout, pooled, writer.manifest.chunk_rows, cfg.batch_size) + plan
+            _run(cfg, tap, layout, writer, kinds, plan, device, progress, todo, pooled)
+            manifest = writer.finalize()
+        except BaseException as e:
+            raise _kept(e, writer.abandon(), layout.rows, cfg.out) from None
+    return DumpResult(action, cfg.out, layout.rows, todo, time.perf_counter() - t0, manifest)
+
+
+def _open(cfg: DumpConfig):
+    """The device, the frozen teacher, the dataset, the capture kinds, the row order, and the
+    manifest of what is at --out already (None: nothing)."""
     device = pick_device(cfg.device)
     teacher = freeze(load_module(cfg.teacher, "--teacher", cfg.checkpoint))
     dataset = load_dataset(cfg.data, "--data")
@@ -76,62 +127,100 @@ def dump(cfg: DumpConfig, progress: bool = True) -> DumpResult:
         existing = survey(location(cfg.out)).manifest
     except StoreError as e:  # a URL whose fsspec backend is not installed, say
         raise StoreError(f"--out {e}") from None
-    check = cfg.data_check or (existing.data.check if existing is not None else "sampled")
-    fp = teacher_fingerprint(teacher, cfg.checkpoint)
-    data_fp = _data_fingerprint(dataset, check, progress)
-    layout = _layout(dataset, order, cfg.store_inputs, progress)
-    teacher = teacher.to(device)
-
-    # Probe the first item: the output width sets the arrays and the chunk size before anything is written.
-    probe_step = Step(0, 0, 0, (int(order.items(np.zeros(1, np.int64), len(dataset))[0]),))
-    inputs0, _ = layout.fetch(probe_step)
-    with torch.inference_mode():
-        probe = layout.probe_logits(_forward(teacher, inputs0, device, probe_step.items), 1)
-    arrays = layout.arrays(cfg.store_inputs) + [a for k in kinds for a in k.declare(probe, layout.rows)]
-    row_bytes = sum(a.row_bytes for a in arrays if a.axis == "row")
-    manifest = Manifest(
-        rows=layout.rows, chunk_rows=_chunk_rows(cfg, row_bytes, layout.rows, existing), order=order,
-        sequences=layout.sequences, classes=probe.shape[-1],
-        teacher=TeacherInfo(spec=cfg.teacher, checkpoint=cfg.checkpoint, digest=fp.digest, weights=fp.weights,
-                            code=fp.code),
-        data=DataInfo(spec=cfg.data, length=len(dataset), fingerprint=data_fp, check=check),
-        capture=tuple(k.spec() for k in kinds) + (_inputs_spec(),) * cfg.store_inputs,
-        created_with={"kdcache": kdcache.__version__, "torch": torch.__version__, "zarr": _zarr_version()},
-    )
-
-    writer = Writer.begin(cfg.out, manifest, overwrite=cfg.overwrite, resume=cfg.resume)
-    if writer is None:
-        return DumpResult("reuse", cfg.out, layout.rows, 0, time.perf_counter() - t0, existing)
-    action = "new" if writer.created or cfg.overwrite else "resume"
-    todo = 0
-    try:
-        writer.create_arrays(arrays, layout.columns)
-        writer.write_sequences(layout.sequence_data())
-        pending = writer.pending_chunks()
-        plan = layout.steps(pending, writer.manifest.chunk_rows, cfg.batch_size)
-        todo = sum(b - a for a, b in map(writer.manifest.chunk_bounds, pending))
-        _run(cfg, teacher, layout, writer, kinds, plan, device, progress, todo)
-        manifest = writer.finalize()
-    except BaseException as e:
-        raise _kept(e, writer.abandon(), layout.rows, cfg.out) from None
-    return DumpResult(action, cfg.out, layout.rows, todo, time.perf_counter() - t0, manifest)
+    return device, teacher, dataset, kinds, order, existing
 
 
-def _layout(dataset, order: RowOrder, store_inputs: bool, show: bool) -> SampleRows | TokenRows:
-    """Token rows when the first item is a token dict (``input_ids``), sample rows otherwise."""
+def _probe(cfg: DumpConfig, dataset, order: RowOrder, kinds: list[Capture], tap: FeatureTap, device,
+           show: bool) -> tuple[SampleRows | TokenRows, Probe]:
+    """The layout and the teacher's output for the first item. Token dicts make a row per token,
+    unless the teacher answers per sequence (``[B, C]`` logits: a classifier), which makes a row
+    per item with the items' tokens right-padded into batches (:class:`PaddedItemRows`)."""
+    logits = any(k.uses_logits for k in kinds)
+    item = int(order.items(np.zeros(1, np.int64), len(dataset))[0])
     try:
         first = dataset[0]
     except Exception as e:
         raise DataError(f"--data: reading item 0 failed: {type(e).__name__}: {e}") from None
     if not is_token_item(first):
-        if store_inputs:
+        if cfg.store_inputs:
             raise ConfigError("--store-inputs: keeps token ids, and these items are not token dicts (dicts with "
                               "'input_ids')")
-        return SampleRows(dataset, order)
-    with progress_bar("items", show and getattr(dataset, "lengths", None) is None) as bar:
-        task = bar.add_task("lengths", total=len(dataset))
-        counts = token_lengths(dataset, progress=lambda n: bar.update(task, completed=n))
-    return TokenRows(dataset, order, counts, store_inputs)
+        layout = SampleRows(dataset, order, logits)
+        inputs, _ = layout.fetch(Step(0, 0, 1, (item,)))
+        with torch.inference_mode():
+            output, taps = _forward(tap, inputs, device, (item,))
+            return layout, layout.probe(output, inputs, taps)
+    inputs = dict(zip(("input_ids", "attention_mask"), pad([_tokens(dataset, item)])))
+    with torch.inference_mode():
+        output, taps = _forward(tap, inputs, device, (item,))
+        if logits and sequence_level(output):
+            if cfg.store_inputs:
+                raise ConfigError("--store-inputs: keeps the input ids of a cache with a row per token; this teacher "
+                                  "answers per sequence ([batch, classes] logits), so its cache has a row per item")
+            layout = PaddedItemRows(dataset, order, logits)
+        else:
+            with progress_bar("items", show and getattr(dataset, "lengths", None) is None) as bar:
+                task = bar.add_task("lengths", total=len(dataset))
+                counts = token_lengths(dataset, progress=lambda n: bar.update(task, completed=n))
+            layout = TokenRows(dataset, order, counts, cfg.store_inputs, logits)
+        return layout, layout.probe(output, inputs, taps)
+
+
+def _tokens(dataset, item: int) -> torch.Tensor:
+    try:
+        got = dataset[item]
+    except Exception as e:
+        raise DataError(f"--data: reading item {item} failed: {type(e).__name__}: {e}") from None
+    return tokens(got, item)
+
+
+def _declare(cfg: DumpConfig, layout, kinds: list[Capture], probe: Probe) -> list[ArraySpec]:
+    return layout.arrays(cfg.store_inputs) + [a for k in kinds for a in k.declare_probe(probe, layout.rows)]
+
+
+def _row_bytes(arrays: list[ArraySpec], rows: int) -> int:
+    """Bytes a row of every array together; per-sequence features count their share (a sequence's
+    entry spread over its tokens), since they are written with the row chunks."""
+    per_sequence = sum(a.row_bytes * a.shape[0] for a in arrays if a.computed)
+    return sum(a.row_bytes for a in arrays if a.axis == "row") + -(-per_sequence // rows)
+
+
+@dataclass(frozen=True)
+class Projection:
+    """What a dump would write (``kdcache dump --dry-run``): the layout and the bytes of each array."""
+
+    out: str
+    rows: int
+    sequences: int | None
+    chunk_rows: int
+    chunks: int
+    arrays: list[dict[str, Any]]
+    bytes: int
+
+
+def project(cfg: DumpConfig) -> Projection:
+    """Probe one item and project the store's layout and size; nothing is written at --out (no
+    fingerprints are taken either: they do not change the size)."""
+    device, teacher, dataset, kinds, order, existing = _open(cfg)
+    teacher = teacher.to(device)
+    with FeatureTap(teacher, [name for k in kinds for name in k.layers()]) as tap:
+        layout, probe = _probe(cfg, dataset, order, kinds, tap, device, False)
+    arrays = _declare(cfg, layout, kinds, probe)
+    manifest = Manifest(rows=layout.rows, chunk_rows=_chunk_rows(cfg, _row_bytes(arrays, layout.rows), layout.rows,
+                                                                 existing),
+                        teacher=TeacherInfo(cfg.teacher, ""), data=DataInfo(cfg.data, len(dataset), ""), capture=(),
+                        arrays=tuple(arrays), sequences=layout.sequences)
+    found = []
+    for a in arrays:
+        per = manifest.chunk_rows_of(a)
+        chunks = -(-a.shape[0] // per)
+        stored = chunks * a.chunk_nbytes(per)
+        found.append({"name": a.name, "shape": list(a.shape), "dtype": a.dtype, "axis": a.axis,
+                      "compressor": a.compressor, "bytes_per_entry": a.row_bytes, "chunk_entries": per,
+                      "chunks": chunks, "bytes": stored, "bytes_per_row": stored / layout.rows,
+                      "bytes_per_sequence": stored / layout.sequences if layout.sequences else None})
+    return Projection(cfg.out, layout.rows, layout.sequences, manifest.chunk_rows, manifest.num_chunks, found,
+                      sum(a["bytes"] for a in found))
 
 
 def _inputs_spec() -> CaptureSpec:
@@ -245,40 +334,58 @@ def _unwrap_worker_error(e: BaseException) -> BaseException:
 
 
 # --- stage 2: the teacher -----------------------------------------------------------------------
-def _forward(teacher, inputs, device, items: tuple[int, ...]) -> Any:
+def _forward(tap: FeatureTap, inputs, device, items: tuple[int, ...]) -> tuple[Any, dict[str, torch.Tensor]]:
+    """The teacher's output for a batch, and its tapped layers' outputs (none without --features)."""
     where = f"dataset item {items[0]}" if len(items) == 1 else f"the batch of dataset items {items[0]}, {items[1]}, …"
     try:
-        return call_model(teacher, to_device(inputs, device))
+        output = tap.call(to_device(inputs, device))
     except torch.cuda.OutOfMemoryError:
         raise TeacherOutputError(f"--teacher: CUDA ran out of memory on {where}: lower --batch-size") from None
     except Exception as e:
         raise TeacherOutputError(f"--teacher: forward failed on {where}: {type(e).__name__}: {e}") from None
+    return output, tap.take(output)
 
 
-def _run(cfg, teacher, layout, writer: Writer, kinds: list[Capture], plan: list[Step], device, show: bool,
-         todo: int) -> None:
+def _replays(layout: TokenRows, pooled: "SequenceChunks", chunk_rows: int, batch_size: int) -> list[Step]:
+    """Resuming: the committed batches to run again for the sequences an unfinished chunk of a
+    per-sequence array still needs (the same batches as the first time: the same bytes)."""
+    needed = pooled.missing()
+    if not len(needed):
+        return []
+    chunks = np.unique((layout.offsets[needed + 1] - 1) // chunk_rows).tolist()
+    wanted = set(needed.tolist())
+    return [replace(s, replay=True) for s in layout.steps(chunks, chunk_rows, batch_size)
+            if wanted.intersection(layout.completes(s).tolist())]
+
+
+def _run(cfg, tap: FeatureTap, layout, writer: Writer, kinds: list[Capture], plan: list[Step], device, show: bool,
+         todo: int, pooled: "SequenceChunks | None" = None) -> None:
     cuda = device.type == "cuda"
-    sink = _ChunkWriter(writer, layout.columns)
+    sink = _ChunkWriter(writer, layout.columns, pooled)
     bar = progress_bar("tokens" if layout.token else "samples", show)
     rows = writer.manifest.rows
     with bar, torch.inference_mode():
         task = bar.add_task("dump", total=rows, completed=rows - todo)
         try:
             for step, inputs, labels in _prefetch(_batches(layout, plan, cfg.num_workers, cuda), PREFETCH_BATCHES):
-                out = layout.select(_forward(teacher, inputs, device, step.items), step, inputs, labels)
-                encoded = [k.encode(out.out, step.start) for k in kinds]
+                output, taps = _forward(tap, inputs, device, step.items)
+                out = layout.select(output, step, inputs, labels, taps)
+                encoded = [k.encode_rows(out, step.start) for k in kinds]
                 arrays = {**out.arrays, **{name: t for e in encoded for name, t in e.arrays.items()}}
-                invalid = torch.stack([e.invalid for e in encoded]).any(0) if encoded else None
+                sequences = {name: t for e in encoded for name, t in e.sequences.items()}
+                invalid = [e.invalid for e in encoded]
                 table = out.table
                 event = None
                 if cuda:
                     arrays = {name: _pinned_copy(t) for name, t in arrays.items()}
+                    sequences = {name: _pinned_copy(t) for name, t in sequences.items()}
                     table = {name: _pinned_copy(t) for name, t in table.items()}
-                    invalid = _pinned_copy(invalid) if invalid is not None else None
+                    invalid = [_pinned_copy(t) for t in invalid]
                     event = torch.cuda.Event()
                     event.record()
-                sink.put(_Batch(step, arrays, table, invalid, event, out, kinds))
-                bar.advance(task, step.stop - step.start)
+                sink.put(_Batch(step, arrays, table, invalid, event, out, kinds, sequences))
+                if not step.replay:
+                    bar.advance(task, step.stop - step.start)
         finally:
             sink.close()
 
@@ -295,17 +402,83 @@ class _Batch:
     step: Step
     arrays: dict[str, torch.Tensor]  # row arrays, [stop - start, ...]
     table: dict[str, torch.Tensor]  # per-row table columns this step completes
-    invalid: torch.Tensor | None
+    invalid: list[torch.Tensor]  # [stop - start] bool, one per kind
     event: Any
     rows: Rows  # kept to explain an invalid row
     kinds: list[Capture]
+    sequences: dict[str, torch.Tensor]  # computed per-sequence arrays: an entry per sequence in rows.sequences
+
+
+class SequenceChunks:
+    """Computed per-sequence arrays (pooled features of token data), gathered into their chunks.
+
+    Chunk ``k`` of such an array is written with the commit of row chunk ``owners[k]`` (the one
+    holding the last token of its last sequence), its CRC32C in that commit record as
+    ``"<array>/<k>"``: when that row chunk commits, every sequence of the chunk has been computed.
+    A chunk whose owner is committed is done; the sequences an unfinished chunk needs from
+    committed row chunks are :meth:`missing` (a resumed dump runs their batches again).
+    """
+
+    def __init__(self, manifest: Manifest, offsets: np.ndarray, pending: list[int]) -> None:
+        committed = np.ones(manifest.num_chunks, dtype=bool)
+        committed[pending] = False
+        self.offsets, self.chunk_rows = offsets, manifest.chunk_rows
+        self.committed = committed
+        self.arrays: dict[str, tuple[ArraySpec, int, np.ndarray]] = {}
+        self.done: dict[str, set[int]] = {}
+        self.open: dict[str, dict[int, tuple[np.ndarray, np.ndarray]]] = {}
+        for spec in manifest.computed_arrays:
+            owners = manifest.sequence_chunk_owners(spec, offsets)
+            self.arrays[spec.name] = (spec, manifest.chunk_rows_of(spec), owners)
+            self.done[spec.name] = set(np.flatnonzero(committed[owners]).tolist())
+            self.open[spec.name] = {}
+
+    def missing(self) -> np.ndarray:
+        """Sequences of unfinished chunks whose last token is in a committed row chunk."""
+        owner = (self.offsets[1:] - 1) // self.chunk_rows  # row chunk of each sequence's last token
+        found = np.zeros(len(owner), dtype=bool)
+        for name, (spec, per, owners) in self.arrays.items():
+            for k in range(len(owners)):
+                if k not in self.done[name]:
+                    found[k * per:(k + 1) * per] = True
+        return np.flatnonzero(found & self.committed[owner])
+
+    def add(self, seqs: np.ndarray, values: dict[str, np.ndarray]) -> None:
+        """Entries of sequences ``seqs`` (ascending), one per sequence, for each array."""
+        for name, (spec, per, owners) in self.arrays.items():
+            data = values[name]
+            for k in np.unique(seqs // per).tolist():
+                if k in self.done[name]:
+                    continue  # committed already (its batches ran again for another chunk)
+                if k not in self.open[name]:
+                    n = min(per, spec.shape[0] - k * per)
+                    self.open[name][k] = (np.zeros((n, *spec.row_shape), spec.dtype), np.zeros(n, dtype=bool))
+                buf, filled = self.open[name][k]
+                sel = (seqs // per) == k
+                buf[seqs[sel] - k * per] = data[sel]
+                filled[seqs[sel] - k * per] = True
+
+    def due(self, chunk: int) -> dict[str, dict[int, np.ndarray]]:
+        """The chunks to write with row chunk ``chunk``'s commit (each complete by then)."""
+        out: dict[str, dict[int, np.ndarray]] = {}
+        for name, (spec, per, owners) in self.arrays.items():
+            for k in np.flatnonzero(owners == chunk).tolist():
+                if k in self.done[name]:
+                    continue
+                buf, filled = self.open[name].pop(k, (None, np.zeros(1, dtype=bool)))
+                if buf is None or not filled.all():
+                    raise StoreError(f"{name}: chunk {k} of its sequences is incomplete when row chunk {chunk} "
+                                     "commits (a bug in kdcache: please report it)")
+                out.setdefault(name, {})[k] = buf
+                self.done[name].add(k)
+        return out
 
 
 class _ChunkWriter:
     """A thread that gathers batch outputs into whole chunks and commits each when it is full."""
 
-    def __init__(self, writer: Writer, columns: tuple[str, ...]) -> None:
-        self.writer, self.columns = writer, columns
+    def __init__(self, writer: Writer, columns: tuple[str, ...], pooled: SequenceChunks | None = None) -> None:
+        self.writer, self.columns, self.pooled = writer, columns, pooled
         self.queue: queue.Queue = queue.Queue(maxsize=WRITE_QUEUE_BATCHES)
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._work, name="kdcache-write", daemon=True)
@@ -336,11 +509,15 @@ class _ChunkWriter:
         if b.event is not None:
             b.event.synchronize()
         step = b.step
-        if b.invalid is not None and bool(b.invalid.any()):
-            row = int(torch.nonzero(b.invalid)[0])
-            logits = b.rows.out.logits.cpu()
-            why = next((k.describe_invalid(logits, row) for k in b.kinds), "is NaN or +inf")
-            raise TeacherOutputError(f"--teacher: the output for {b.rows.where(row)} {why}")
+        for kind, invalid in zip(b.kinds, b.invalid):
+            if bool(invalid.any()):
+                row = int(torch.nonzero(invalid)[0])
+                raise TeacherOutputError(f"--teacher: the output for {b.rows.where(row)} "
+                                         f"{kind.explain(b.rows, b.arrays, row)}")
+        if self.pooled is not None and b.rows.sequences is not None and len(b.rows.sequences):
+            self.pooled.add(b.rows.sequences, {name: t.numpy() for name, t in b.sequences.items()})
+        if step.replay:
+            return  # its rows are committed: it ran for the per-sequence entries only
         c0, c1 = self.writer.manifest.chunk_bounds(step.chunk)
         buf = open_chunks.get(step.chunk)
         if buf is None:
@@ -355,7 +532,8 @@ class _ChunkWriter:
         buf["filled"] += step.stop - step.start
         if buf["filled"] == c1 - c0:
             del open_chunks[step.chunk]
-            self.writer.write_chunk(step.chunk, buf["arrays"], _table(buf["table"], self.columns))
+            sequences = self.pooled.due(step.chunk) if self.pooled is not None else {}
+            self.writer.write_chunk(step.chunk, buf["arrays"], _table(buf["table"], self.columns), sequences)
 
 
 def _table(parts: list[dict[str, np.ndarray]], columns: tuple[str, ...]) -> pa.Table:

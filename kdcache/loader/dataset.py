@@ -22,6 +22,7 @@ call them before ``iter(loader)`` (the start of the ``for`` loop), as with ``Dis
 from __future__ import annotations
 
 import os
+from functools import cached_property
 from typing import Any, Iterator
 
 import numpy as np
@@ -34,7 +35,7 @@ from kdcache.fingerprint import data_fingerprint
 from kdcache.loader.order import BLOCK, WINDOW, EpochPlan, _int
 from kdcache.loader.targets import TOPK_MODES, make_targets, needs_dense, response_kind
 from kdcache.sources.items import NO_LABEL, fetch_batch
-from kdcache.sources.tokens import IDS, MASK, next_token_labels, pad, tokens
+from kdcache.sources.tokens import IDS, MASK, fetch_padded, is_token_item, next_token_labels, pad, tokens
 from kdcache.store.reader import Cache
 from kdcache.store.schema import RowOrder
 
@@ -111,12 +112,15 @@ class CacheDataset(IterableDataset):
         rank, world: this process's shard; ``None``: from ``torch.distributed`` when initialized
             (create the dataset after ``init_process_group``), else a single process.
         targets: cached arrays to yield, as tensors of their logical dtype. ``None``: every array
-            of a cache but ``index`` and ``label``.
+            of a cache but ``index``, ``label`` and stored inputs (features included).
         check_data: refuse ``data`` whose fingerprint differs from the cache's.
 
     Each batch is a dict: ``"row"`` int64 [B] (storage rows, ascending), ``"index"`` int64 [B]
     (dataset items), ``"label"`` int64 [B] (-1: none), one entry per target, and ``"input"`` (the
-    collated inputs) when ``data`` is given.
+    collated inputs; token items right-padded) when ``data`` is given. Features
+    (``"features/<NAME>"``, ``kdcache dump --features``) come as float tensors of their stored
+    dtype: ``[B, ...]`` for a sample cache, and for a token cache ``[B, L, ...]`` (padded, with
+    ``"mask"``) when stored a row per token, ``[B, ...]`` (one per sequence) when pooled.
     """
 
     def __init__(self, source: Cache | DatasetRows | str | os.PathLike, data: Any = None, *, batch_size: int,
@@ -142,11 +146,12 @@ class CacheDataset(IterableDataset):
         world = _int("world", world, 1)
         self.rank, self.world = _int("rank", rank, 0, world), world
         if targets is None:
-            targets = tuple(n for n, a in source.arrays.items() if n not in _BASE and a.axis == "row"
+            targets = tuple(n for n, a in source.arrays.items() if n not in _BASE and (a.axis == "row" or a.computed)
                             and not n.startswith("inputs/"))
         if isinstance(targets, str):
             targets = (targets,)
-        missing = [t for t in targets if t not in source.arrays or t in _BASE or source.arrays[t].axis != "row"]
+        missing = [t for t in targets if t not in source.arrays or t in _BASE
+                   or not (source.arrays[t].axis == "row" or source.arrays[t].computed)]
         if "logits" in missing and isinstance(source, Cache):
             needs_dense(source.manifest, "targets: 'logits'")
         if missing:
@@ -158,7 +163,7 @@ class CacheDataset(IterableDataset):
         self.topk_mode = topk_mode
         # the targets object the loss takes, when every array of the teacher's response is read
         self._response = isinstance(source, Cache) and response_kind(source.manifest) is not None and set(
-            a.name for a in source.manifest.row_arrays if not a.name.startswith("inputs/")
+            a.name for a in source.manifest.row_arrays if not a.name.startswith(("inputs/", "features/"))
             and a.name not in _BASE) <= set(self.targets)
         self.data = data
         if data is not None:
@@ -170,8 +175,10 @@ class CacheDataset(IterableDataset):
             self._stored_inputs = "inputs/input_ids" in source.arrays
             if data is None and not self._stored_inputs:
                 self._check_no_inputs_needed()
-            self._names = [*self.targets] + (["inputs/input_ids"] if self._stored_inputs and data is None else [])
-            self._rows = _committed_sequences(source, self._offsets)  # unit -> sequence; None: all
+            self._pooled = [t for t in self.targets if source.arrays[t].axis == "sequence"]  # one entry a sequence
+            self._names = [t for t in self.targets if t not in self._pooled] + (
+                ["inputs/input_ids"] if self._stored_inputs and data is None else [])
+            self._rows = _committed_sequences(source, self._offsets, self._pooled)  # unit -> sequence; None: all
             self.units = len(self._rows) if self._rows is not None else len(self._items)
         else:
             self._names = ["index", *self.targets] + (["label"] if data is None and "label" in source.arrays else [])
@@ -303,7 +310,13 @@ class CacheDataset(IterableDataset):
         return batch
 
     def _inputs(self, index: np.ndarray) -> tuple[Any, torch.Tensor]:
+        if self._token_items:  # a row per token item (a sequence classifier's cache): right-padded
+            return fetch_padded(self.data, index.tolist(), flag="data")
         return fetch_batch(self.data, index.tolist(), flag="data")
+
+    @cached_property
+    def _token_items(self) -> bool:
+        return is_token_item(self.data[0]) if self.data is not None and len(self.data) else False
 
     def _token_batch(self, seqs: np.ndarray) -> dict[str, Any]:
         """Whole sequences, right-padded: targets ``[B, L, ...]``, ``mask`` ``[B, L]`` (False: padding),
@@ -335,8 +348,13 @@ class CacheDataset(IterableDataset):
         batch["input"] = {IDS: ids, MASK: attention}
         batch["label"] = next_token_labels(ids, attention)
         for name in self.targets:
+            if name in self._pooled:
+                continue
             fill = self.source.arrays[name].fill_value
             batch[name] = _padded(self.source.tensor(name, got[name]), place, len(seqs), longest, fill)
+        if self._pooled:
+            for name, found in self.source.gather_sequences(self._pooled, seqs).items():
+                batch[name] = self.source.tensor(name, found)
         if self._response:
             batch["targets"] = make_targets(self.source.manifest, batch, self.topk_mode)
         return batch
@@ -357,8 +375,9 @@ def _padded(rows: torch.Tensor, place: torch.Tensor, batch: int, longest: int, f
     return out.view(batch, longest, *rows.shape[1:])
 
 
-def _committed_sequences(source: Cache, offsets: np.ndarray) -> np.ndarray | None:
-    """The sequences whose tokens are all committed, for a cache still being written (None: all)."""
+def _committed_sequences(source: Cache, offsets: np.ndarray, pooled: list[str] = ()) -> np.ndarray | None:
+    """The sequences whose tokens, and entries of the per-sequence arrays ``pooled``, are all
+    committed, for a cache still being written (None: all)."""
     if source.complete:
         return None
     committed = np.zeros(source.num_chunks + 1, dtype=bool)
@@ -367,6 +386,10 @@ def _committed_sequences(source: Cache, offsets: np.ndarray) -> np.ndarray | Non
     # a sequence's chunks are first..last: all committed when the count of committed ones matches
     done = np.concatenate([[0], np.cumsum(committed)])
     whole = (done[last + 1] - done[first]) == (last - first + 1)
+    for name in pooled:
+        entries = np.zeros(len(whole), dtype=bool)
+        entries[source.committed_sequences(name)] = True
+        whole &= entries
     return np.flatnonzero(whole)
 
 

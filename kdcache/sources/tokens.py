@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from kdcache.errors import DataError
-from kdcache.sources.items import NO_LABEL
+from kdcache.sources.items import NO_LABEL, _as_label
 
 IDS, MASK = "input_ids", "attention_mask"
 
@@ -91,3 +91,18 @@ def next_token_labels(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     labels[:, :-1][mask[:, 1:] == 0] = NO_LABEL
     labels[mask == 0] = NO_LABEL
     return labels
+
+
+def fetch_padded(dataset: Any, items: tuple[int, ...] | list[int], flag: str = "--data"
+                 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Token items ``items`` right-padded into a batch, and their labels (``label`` or ``labels``)."""
+    seqs, labels = [], []
+    for item in items:
+        try:
+            got = dataset[item]
+        except Exception as e:
+            raise DataError(f"{flag}: reading item {item} failed: {type(e).__name__}: {e}") from None
+        seqs.append(tokens(got, item, flag))
+        labels.append(_as_label(got.get("label", got.get("labels", NO_LABEL)), item, flag))
+    ids, mask = pad(seqs)
+    return {IDS: ids, MASK: mask}, torch.tensor(labels, dtype=torch.int64)

@@ -195,7 +195,8 @@ class Cache:
         return found
 
     def sequence_array(self, name: str) -> np.ndarray:
-        """A per-sequence array of a token cache (``index``, ``offsets``), whole (read once)."""
+        """A per-sequence array of a token cache written at creation (``index``, ``offsets``),
+        whole (read once). Computed ones (pooled features) are read with :meth:`gather_sequences`."""
         found = self._sequence_arrays.get(name)
         if found is None:
             layout = self.layout(name)
@@ -204,6 +205,65 @@ class Cache:
             found.flags.writeable = False
             self._sequence_arrays[name] = found
         return found
+
+    def sequence_chunk_owners(self, name: str) -> np.ndarray:
+        """A computed per-sequence array: the row chunk whose commit holds each of its chunks."""
+        found = self._owners.get(name)
+        if found is None:
+            found = self._owners[name] = self.manifest.sequence_chunk_owners(self.arrays[name],
+                                                                             self.sequence_array("offsets"))
+        return found
+
+    def committed_sequences(self, name: str) -> np.ndarray:
+        """The sequences whose entries of computed array ``name`` are committed (all, once complete)."""
+        owners = self.sequence_chunk_owners(name)
+        committed = np.zeros(self.num_chunks, dtype=bool)
+        committed[self.committed_chunks()] = True
+        per = self.layout(name).chunk_rows
+        return np.flatnonzero(np.repeat(committed[owners], per)[: self.arrays[name].shape[0]])
+
+    def gather_sequences(self, names: Iterable[str], sequences: np.ndarray) -> dict[str, np.ndarray]:
+        """Entries ``sequences`` of computed per-sequence arrays (pooled features of a token cache),
+        in storage dtype. A chunk is admitted once the commit of the row chunk that holds it is
+        read and checked, as for rows."""
+        sequences = np.asarray(sequences, dtype=np.int64)
+        out = {}
+        with self._lock:
+            for name in names:
+                layout = self.layout(name)
+                store = self._sequence_stores.get(name)
+                if store is None:
+                    chunks = -(-layout.spec.shape[0] // layout.chunk_rows)
+                    store = self._sequence_stores[name] = chunk_store(chunks, layout.chunk_shape,
+                                                                      np.dtype(layout.spec.dtype))
+                admitted = self._sequence_admitted.setdefault(name, set())
+                for k in np.unique(sequences // layout.chunk_rows).tolist():
+                    if k not in admitted:
+                        self._admit_sequence_chunk(store, layout, k)
+                        admitted.add(k)
+                out[name] = store.take(sequences)
+        return out
+
+    def _admit_sequence_chunk(self, store, layout: ChunkLayout, k: int) -> None:
+        name = layout.spec.name
+        owner = int(self.sequence_chunk_owners(name)[k])
+        try:
+            record = self.commit_record(owner)
+        except sc.StaleChunkError as e:
+            raise sc.StaleChunkError(f"cache {self.url!r}: {e}") from None
+        if record is None:
+            if self.complete:
+                raise sc.StaleChunkError(f"cache {self.url!r}: row chunk {owner} has no commit record any more: the "
+                                         "cache was overwritten (or damaged) since it was opened; open it again")
+            raise StoreError(f"cache {self.url!r}: chunk {k} of {name!r} is not committed (it is written with row "
+                             f"chunk {owner})")
+        if f"{name}/{k}" not in record.crc32c:
+            raise StoreError(f"cache {self.url!r}: the commit record of row chunk {owner} has no checksum for chunk "
+                             f"{k} of {name!r}; run `kdcache verify`")
+        self._load(store, layout, k)
+        if self.commit_record(owner) is None:
+            raise sc.StaleChunkError(f"cache {self.url!r}: row chunk {owner} vanished while {name!r} was read "
+                                     "(the cache is being overwritten)")
 
     # --- commit records -------------------------------------------------------------------------
     def commit_record(self, chunk: int) -> CommitRecord | None:
@@ -385,6 +445,9 @@ class Cache:
         self._lock = threading.RLock()
         self._layouts: dict[str, ChunkLayout] = {}
         self._sequence_arrays: dict[str, np.ndarray] = {}
+        self._owners: dict[str, np.ndarray] = {}
+        self._sequence_stores: dict[str, Any] = {}  # computed per-sequence arrays, by name
+        self._sequence_admitted: dict[str, set[int]] = {}
         self._stores: dict[str, Any] = {}
         self._admitted: OrderedDict[int, int] = OrderedDict()  # chunk -> bytes copied in
         self._is_admitted = np.zeros(self.manifest.num_chunks, dtype=bool)  # the per-batch fast check

@@ -203,6 +203,7 @@ STORAGE_DTYPES = ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32"
 COMPRESSORS = (None, "zstd")
 AXES = ("row", "sequence")
 SEQUENCE_CHUNK = 1 << 20  # entries a chunk of a per-sequence array
+COMPUTED_CHUNK_BYTES = 4 << 20  # about this many bytes a chunk of a computed per-sequence array (features)
 
 
 @dataclass(frozen=True)
@@ -212,8 +213,11 @@ class ArraySpec:
     ``axis`` says what axis 0 counts: ``row`` arrays (one entry per row: a sample, or a token) are
     chunked by the cache's ``chunk_rows`` and written chunk by chunk under the commit protocol;
     ``sequence`` arrays of token caches (``index``, ``offsets``: one entry per sequence) are known
-    before the teacher runs and written whole when the cache is created. ``compressor`` is None
-    (the chunk file is its bytes) or ``"zstd"`` (sparse targets, whose padding compresses away).
+    before the teacher runs and written whole when the cache is created, unless ``computed``: a
+    per-sequence array the teacher fills (pooled features), chunked by about 4 MiB of sequences,
+    each chunk written and checksummed with the commit of the row chunk that holds the last token
+    of its last sequence (:func:`sequence_chunk_owners`). ``compressor`` is None (the chunk file is
+    its bytes) or ``"zstd"`` (sparse targets, whose padding compresses away).
     """
 
     name: str  # "index", "logits", "topk/value" (a "/" nests it in a Zarr group)
@@ -224,14 +228,16 @@ class ArraySpec:
     codec: Codec = PLAIN
     compressor: str | None = None
     axis: str = "row"
+    computed: bool = False  # a per-sequence array written with the row chunks (features), not at creation
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
         object.__setattr__(self, "dims", tuple(self.dims))
         if len(self.dims) != len(self.shape):
             raise StoreError(f"array {self.name!r}: {len(self.dims)} dimension names for {len(self.shape)} dims")
-        if self.compressor not in COMPRESSORS or self.axis not in AXES:
-            raise StoreError(f"array {self.name!r}: compressor {self.compressor!r}, axis {self.axis!r}")
+        if self.compressor not in COMPRESSORS or self.axis not in AXES or (self.computed and self.axis != "sequence"):
+            raise StoreError(f"array {self.name!r}: compressor {self.compressor!r}, axis {self.axis!r}, "
+                             f"computed {self.computed!r}")
 
     @property
     def logical_dtype(self) -> str:
@@ -252,9 +258,12 @@ class ArraySpec:
         return chunk_rows * self.row_bytes
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype, "dims": list(self.dims),
-                "fill_value": self.fill_value, "codec": self.codec.to_dict(), "compressor": self.compressor,
-                "axis": self.axis}
+        d = {"name": self.name, "shape": list(self.shape), "dtype": self.dtype, "dims": list(self.dims),
+             "fill_value": self.fill_value, "codec": self.codec.to_dict(), "compressor": self.compressor,
+             "axis": self.axis}
+        if self.computed:  # only where it is true: manifests without features are unchanged
+            d["computed"] = True
+        return d
 
     @classmethod
     def from_dict(cls, d: Any, where: str = "array") -> "ArraySpec":
@@ -278,8 +287,11 @@ class ArraySpec:
             raise _fail(f"{where}.compressor", "null or 'zstd'", compressor)
         if axis not in AXES:
             raise _fail(f"{where}.axis", " or ".join(map(repr, AXES)), axis)
+        computed = d.get("computed", False)
+        if not isinstance(computed, bool) or (computed and axis != "sequence"):
+            raise _fail(f"{where}.computed", "true (for a per-sequence array) or false", computed)
         return cls(name, tuple(shape), dtype, tuple(dims), fill, Codec.from_dict(d.get("codec"), f"{where}.codec"),
-                   compressor, axis)
+                   compressor, axis, computed)
 
 
 # --- what made the cache ----------------------------------------------------------------------------
@@ -415,7 +427,23 @@ class Manifest:
 
     def chunk_rows_of(self, spec: ArraySpec) -> int:
         """Entries a chunk of ``spec`` holds."""
-        return self.chunk_rows if spec.axis == "row" else max(1, min(SEQUENCE_CHUNK, spec.shape[0]))
+        if spec.axis == "row":
+            return self.chunk_rows
+        if spec.computed:  # a power of two about COMPUTED_CHUNK_BYTES
+            fit = max(1, COMPUTED_CHUNK_BYTES // max(1, spec.row_bytes))
+            return max(1, min(SEQUENCE_CHUNK, 1 << (fit.bit_length() - 1), spec.shape[0]))
+        return max(1, min(SEQUENCE_CHUNK, spec.shape[0]))
+
+    def sequence_chunk_owners(self, spec: ArraySpec, offsets: np.ndarray) -> np.ndarray:
+        """A computed per-sequence array: for each of its chunks, the row chunk whose commit holds it
+        (the chunk of the last token of the chunk's last sequence)."""
+        per = self.chunk_rows_of(spec)
+        last = np.minimum(np.arange(1, -(-spec.shape[0] // per) + 1) * per, spec.shape[0]) - 1
+        return (np.asarray(offsets)[last + 1] - 1) // self.chunk_rows
+
+    @property
+    def computed_arrays(self) -> tuple[ArraySpec, ...]:
+        return tuple(a for a in self.arrays if a.computed)
 
     @property
     def row_arrays(self) -> tuple[ArraySpec, ...]:

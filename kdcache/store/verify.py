@@ -52,6 +52,7 @@ def verify(cache: Cache, on_chunk=None, threads: int | None = None) -> Report:
     report = Report()
     _check_group_metadata(cache, report)
     layouts = _check_array_metadata(cache, report)
+    _check_computed_arrays(cache, {n: layouts.pop(n) for n in list(layouts) if layouts[n].spec.computed}, report)
     _check_sequence_arrays(cache, {n: layouts.pop(n) for n in list(layouts) if layouts[n].spec.axis == "sequence"},
                            report)
     with ThreadPoolExecutor(threads or os.cpu_count() or 1) as pool:
@@ -154,6 +155,42 @@ def _check_sequence_arrays(cache: Cache, layouts: dict[str, ChunkLayout], report
             elif actual != expected:
                 report.problems.append(Problem(name, chunk, rows, f"checksum mismatch (recorded {expected:08x}, "
                                                                   f"found {actual:08x})"))
+
+
+def _check_computed_arrays(cache: Cache, layouts: dict[str, ChunkLayout], report: Report) -> None:
+    """Computed per-sequence arrays (pooled features): each chunk against the commit record of the
+    row chunk it was written with."""
+    for name, layout in layouts.items():
+        n = layout.spec.shape[0]
+        try:
+            owners = cache.sequence_chunk_owners(name)
+        except Exception as e:  # noqa: BLE001 - the offsets it needs may be damaged
+            report.problems.append(Problem(name, -1, (0, n), f"cannot place its chunks: {type(e).__name__}: {e}"))
+            continue
+        for k, owner in enumerate(owners.tolist()):
+            rows = (k * layout.chunk_rows, min((k + 1) * layout.chunk_rows, n))
+            try:
+                record = cache.commit_record(owner)
+            except StoreError as e:
+                report.problems.append(Problem(name, k, rows, f"damaged commit record of row chunk {owner}: {e}"))
+                continue
+            if record is None:
+                if cache.complete:
+                    report.problems.append(Problem(name, k, rows, f"row chunk {owner}, whose commit holds it, has "
+                                                                  "no commit record"))
+                continue
+            expected = record.crc32c.get(f"{name}/{k}")
+            try:
+                actual, size, present = cache.crc(name, k)
+            except Exception as e:  # noqa: BLE001 - a damaged chunk may fail to decode in many ways
+                report.problems.append(Problem(name, k, rows, f"unreadable: {type(e).__name__}: {e}"))
+                continue
+            report.bytes += size
+            if expected is None:
+                report.problems.append(Problem(name, k, rows, f"no checksum in the commit record of row chunk {owner}"))
+            elif actual != expected:
+                what = "missing" if not present else f"checksum mismatch (recorded {expected:08x}, found {actual:08x})"
+                report.problems.append(Problem(name, k, rows, what))
 
 
 def open_for_verify(path: str) -> Cache:

@@ -9,8 +9,10 @@ named points a test can stop it at):
    but a kdcache cache is ever removed.
 2. :meth:`create_arrays` (one coordinator) makes every array at full size before any chunk is
    written; writers never resize arrays or touch attributes afterwards (zarr has no locking).
-3. :meth:`write_chunk` writes one chunk of every array, then its Parquet part, then its commit
-   record (row range, generation, CRC32C of every file). A chunk without a record is redone.
+3. :meth:`write_chunk` writes one chunk of every array, the chunks of computed per-sequence arrays
+   it completes (pooled features: see :meth:`Manifest.sequence_chunk_owners`), then its Parquet
+   part, then its commit record (row range, generation, CRC32C of every file). A chunk without a
+   record is redone.
 4. :meth:`finalize` checks that every chunk is committed and publishes ``status: complete``.
 
 On failure the caller calls :meth:`abandon`: the lock is released and committed chunks are kept
@@ -44,7 +46,8 @@ class Writer:
         self.lock = lock
         self.created = created  # this run started the cache: it may remove it while nothing is committed
         self.made_folder = made_folder  # ... and the folder itself did not exist before
-        self.layouts: dict[str, ChunkLayout] = {}
+        self.layouts: dict[str, ChunkLayout] = {}  # row arrays
+        self.sequence_layouts: dict[str, ChunkLayout] = {}  # computed per-sequence arrays
 
     # --- opening ----------------------------------------------------------------------------------
     @classmethod
@@ -125,7 +128,9 @@ class Writer:
             self._publish(self.manifest.replace(arrays=arrays, columns=columns))
         self.layouts = {a.name: ChunkLayout.read(self.location, a, self.manifest.chunk_rows_of(a))
                         for a in arrays if a.axis == "row"}
-        for layout in self.layouts.values():
+        self.sequence_layouts = {a.name: ChunkLayout.read(self.location, a, self.manifest.chunk_rows_of(a))
+                                 for a in arrays if a.computed}
+        for layout in [*self.layouts.values(), *self.sequence_layouts.values()]:
             if not layout.direct:
                 raise StoreError(f"{self.location.url!r}: array {layout.spec.name!r} is not stored as kdcache wrote it; "
                                  "it was changed by another tool: pass --overwrite to start over")
@@ -133,7 +138,7 @@ class Writer:
     def write_sequences(self, arrays: dict[str, np.ndarray]) -> None:
         """Write the per-sequence arrays whole (the coordinator, before any chunk). On resume they
         are checked instead: they follow from the data and the row order, so they must be equal."""
-        specs = {a.name: a for a in self.manifest.sequence_arrays}
+        specs = {a.name: a for a in self.manifest.sequence_arrays if not a.computed}
         if set(arrays) != set(specs):
             raise StoreError(f"sequence arrays: got {sorted(arrays)}, the cache declares {sorted(specs)}")
         if not specs:
@@ -182,8 +187,10 @@ class Writer:
         done = set(self.committed_chunks())
         return [c for c in range(self.manifest.num_chunks) if c not in done]
 
-    def write_chunk(self, chunk: int, arrays: dict[str, np.ndarray], table) -> None:
-        """Write one whole chunk of every array, its Parquet part, then its commit record."""
+    def write_chunk(self, chunk: int, arrays: dict[str, np.ndarray], table,
+                    sequences: dict[str, dict[int, np.ndarray]] | None = None) -> None:
+        """Write one whole chunk of every array, the per-sequence chunks it completes (``sequences``:
+        array -> {its chunk: entries}), its Parquet part, then its commit record."""
         import pyarrow.parquet as pq
 
         start, stop = self.manifest.chunk_bounds(chunk)
@@ -198,6 +205,12 @@ class Writer:
             stored = layout.encode(layout.pad(data))  # the chunk file: its padded rows, compressed or not
             self.location.write_bytes(layout.key(chunk), stored)
             crcs[name] = bytes_crc(stored)
+        for name, parts in (sequences or {}).items():
+            layout = self.sequence_layouts[name]
+            for k, data in parts.items():
+                stored = layout.encode(layout.pad(data))
+                self.location.write_bytes(layout.key(k), stored)
+                crcs[f"{name}/{k}"] = bytes_crc(stored)
         faults.hit("chunk-data", chunk)
         buf = io.BytesIO()
         pq.write_table(table, buf, row_group_size=max(len(table), 1), compression="zstd")

@@ -5,17 +5,20 @@ each batch of output into named storage tensors on the teacher's device (:meth:`
 reductions such as top-k and sampling run there, so only what is stored crosses to the host), and
 names its settings and version (:meth:`Capture.spec`), which go into the manifest and the capture
 fingerprint. The writer, reader, verify, info and loader only ever see the declared ArraySpecs.
+:class:`Features` (``--features``) reads tapped intermediate layers instead of logits, through the
+wider half of the protocol (:meth:`Capture.declare_probe`, :meth:`Capture.encode_rows`).
 """
 
 from __future__ import annotations
 
 from kdcache.capture.kinds.base import Capture, Encoded, Values
 from kdcache.capture.kinds.dense import Dense
+from kdcache.capture.kinds.features import Features
 from kdcache.capture.kinds.sample import Sampled
 from kdcache.capture.kinds.topk import TopK, parse_temperatures
 from kdcache.errors import ConfigError
 
-KINDS: dict[str, type[Capture]] = {k.kind: k for k in (Dense, TopK, Sampled)}
+KINDS: dict[str, type[Capture]] = {k.kind: k for k in (Dense, TopK, Sampled, Features)}
 
 
 def parse_logits(mode: str, values: str = "float16", temperatures: str = "1") -> list[Capture]:
@@ -44,4 +47,4 @@ def parse_logits(mode: str, values: str = "float16", temperatures: str = "1") ->
                       f"none, got {mode!r} instead")
 
 
-__all__ = ["Capture", "Dense", "Encoded", "KINDS", "Sampled", "TopK", "Values", "parse_logits"]
+__all__ = ["Capture", "Dense", "Encoded", "Features", "KINDS", "Sampled", "TopK", "Values", "parse_logits"]

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
 from kdcache.capture.outputs import Reductions
 from kdcache.errors import ConfigError
 from kdcache.store.schema import PLAIN, ArraySpec, BFloat16Bits, CaptureSpec, Codec, Linear
+
+if TYPE_CHECKING:
+    from kdcache.capture.layouts import Probe, Rows
 
 FLOAT_VALUES = ("float16", "bfloat16", "float32")
 QUANTIZED_STEP = 1 / 16  # uint8 log-probabilities: 1/16 nat a step, down to -15.9 nats
@@ -24,12 +27,21 @@ class Encoded:
 
     arrays: dict[str, torch.Tensor]  # name -> [B, ...] in the storage dtype
     invalid: torch.Tensor  # [B] bool: rows that cannot be stored (NaN, +inf, out of range)
+    sequences: dict[str, torch.Tensor] = field(default_factory=dict)  # computed per-sequence arrays: name ->
+    # [S, ...], one entry for each sequence the step completes (``Rows.sequences``)
 
 
 class Capture(ABC):
+    """A kind reads the teacher's logits through :meth:`declare` and :meth:`encode`. A kind that
+    reads something else (intermediate layers: ``features``) sets ``uses_logits = False``, names
+    the layers it taps in :meth:`layers`, and overrides the wider :meth:`declare_probe` and
+    :meth:`encode_rows`, which see the whole probe and step (the tapped tensors, the token layout);
+    by default those two call :meth:`declare` and :meth:`encode`."""
+
     kind: ClassVar[str]
     version: ClassVar[int]  # bumped whenever what the kind writes changes: old caches are then refused
     defaults: ClassVar[dict[str, Any]] = {}
+    uses_logits: ClassVar[bool] = True  # False: the dump neither extracts nor needs logits for it
 
     @abstractmethod
     def settings(self) -> dict[str, Any]:
@@ -53,6 +65,23 @@ class Capture(ABC):
     def describe_invalid(self, logits: torch.Tensor, row: int) -> str:
         """Why row ``row`` of ``logits`` could not be stored."""
         return "is NaN or +inf (-inf is allowed: a masked class)"
+
+    # --- the wider protocol: what a kind that does not read logits overrides -----------------------
+    def layers(self) -> tuple[str, ...]:
+        """Layers whose outputs this kind reads (:class:`kdcache.features.FeatureTap` names)."""
+        return ()
+
+    def declare_probe(self, probe: "Probe", rows: int) -> list[ArraySpec]:
+        """The arrays this kind writes, from the probe (its logits, its tapped layers, the layout)."""
+        return self.declare(probe.logits, rows)
+
+    def encode_rows(self, rows: "Rows", start: int) -> Encoded:
+        """One step's output (``rows.out``: the logits' reductions; ``rows.taps``: tapped layers)."""
+        return self.encode(rows.out, start)
+
+    def explain(self, rows: "Rows", arrays: dict[str, torch.Tensor], row: int) -> str:
+        """Why row ``row`` of a step could not be stored (``arrays``: the step's encoded arrays, on the host)."""
+        return self.describe_invalid(rows.out.logits.cpu(), row)
 
 
 def not_storable(logits: torch.Tensor) -> torch.Tensor:
