@@ -35,10 +35,11 @@ def rkd_angle_reference(s, t) -> float:
     def psi(x):
         x = np.asarray(x, dtype=np.float64).reshape(len(x), -1)
         out = []
+        def unit(v):  # a zero vector (two equal rows) has no direction: 0
+            norm = np.linalg.norm(v)
+            return v / norm if norm > 0 else v * 0
         for i, j, k in itertools.permutations(range(len(x)), 3):
-            e_ij = (x[i] - x[j]) / np.linalg.norm(x[i] - x[j])
-            e_kj = (x[k] - x[j]) / np.linalg.norm(x[k] - x[j])
-            out.append(e_ij @ e_kj)
+            out.append(unit(x[i] - x[j]) @ unit(x[k] - x[j]))
         return np.array(out)
     return float(_huber(psi(s) - psi(t)).mean())
 
@@ -405,6 +406,18 @@ def test_rkd_gradients_flow_and_stay_finite_with_duplicate_rows():
     (rkd_distance(s, t) + rkd_angle(s, t)).backward()
     assert torch.isfinite(s.grad).all() and s.grad.abs().sum() > 0
     assert t.grad is None
+
+
+def test_rkd_angle_equal_rows_have_no_direction():
+    """Two equal embeddings: their difference has no direction, so its cosines are 0 (as
+    F.normalize makes them in the authors' code), also in float32 far from the origin."""
+    torch.manual_seed(17)
+    s, t = torch.randn(7, 5, dtype=torch.float64), torch.randn(7, 9, dtype=torch.float64)
+    s[4] = s[2]
+    t[1] = t[5]
+    expected = rkd_angle_reference(s, t)
+    np.testing.assert_allclose(rkd_angle(s, t).item(), expected, rtol=1e-10)
+    np.testing.assert_allclose(rkd_angle(s.float() + 100.0, t.float() - 50.0).item(), expected, rtol=1e-4)
 
 
 def test_rkd_few_rows():
