@@ -35,7 +35,7 @@ import kdcache
 from kdcache.capture.outputs import call_model, extract_logits, extract_token_logits, to_device
 from kdcache.config import FeatureMap, TrainConfig, pick_device
 from kdcache.errors import ConfigError, DataError, KDCacheError, ModelOutputError, NonFiniteLossError
-from kdcache.features import POOLS, FeatureTap, layer_names, parse_features, pool, pseudo_index
+from kdcache.features import FeatureTap, layer_names, parse_features, pool, pseudo_index
 from kdcache.fingerprint import teacher_fingerprint
 from kdcache.loader import CacheDataset, DatasetRows, make_loader
 from kdcache.loader.targets import response_kind
@@ -147,7 +147,7 @@ def _train_epoch(epoch: int, student: torch.nn.Module, teacher: torch.nn.Module 
         t = _targets(batch, teacher, x, y.shape, device, at) if objective.kd else None  # logits or targets
         output, feats = objective.forward(student, tap, x, f"the student's forward pass failed {at}")
         s = objective.logits(output, y.shape)  # (B, [L,] C), or None when no response term is on
-        terms = objective.terms(s, t, y, mask, feats, batch, device)
+        terms = objective.terms(s, t, y, mask, feats, batch, device, x)
         loss = objective.total(terms)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -250,15 +250,13 @@ def _check_student(student: torch.nn.Module, teacher: torch.nn.Module | None, da
     batch = dataset.batch(plan.batch(0))
     shape = batch["label"].shape  # (B,) or tokens (B, L)
     x = to_device(batch["input"], device)
-    mask = batch.get("mask")
-    mask = None if mask is None else mask.to(device)
     student.eval()
     with torch.no_grad(), _batchnorm_inputs(student) as batchnorm_values, objective.tap(student) as tap:
         t = _targets(batch, teacher, x, shape, device, "on the first batch of --data") if objective.kd else None
         output, feats = objective.forward(student, tap, x,
                                           "the student's forward pass failed on the first batch of --data")
         s = objective.logits(output, shape)
-        objective.build(feats, batch, mask, device)
+        objective.build(feats, batch, x, device)
     if objective.kd:
         width = t.shape[-1] if isinstance(t, torch.Tensor) else dataset.source.manifest.classes
         if s.shape[-1] != width:
@@ -369,31 +367,13 @@ FEATURES = "features/"
 
 
 def cached_features(cache) -> dict[str, str]:
-    """The cache's features: NAME → POOL, for every array ``features/NAME``.
-
-    The pool is the one the manifest's capture section records for NAME; a feature it records
-    none for was stored as the layer gave it (``none``).
-    """
+    """The cache's features: NAME → POOL, for every array ``features/NAME``, with the pool its
+    capture entry records (kind ``features``, settings ``layers``: ``NAME[:POOL]`` strings)."""
     recorded: dict[str, str] = {}
     for spec in cache.manifest.capture:
-        if not spec.kind.startswith("feature"):
-            continue
-        settings = dict(spec.settings)
-        entries: list[Any] = [settings] if isinstance(settings.get("name"), str) else []
-        for key in ("features", "layers", "requests"):
-            value = settings.get(key)
-            if isinstance(value, (list, tuple)):
-                entries += list(value)
-            elif isinstance(value, dict):
-                entries += [{"name": k, "pool": v} for k, v in value.items()]
-        for entry in entries:
-            if isinstance(entry, str):
-                with contextlib.suppress(ConfigError):
-                    request = parse_features([entry])[0]
-                    recorded[request.name] = request.pool
-            elif isinstance(entry, dict) and isinstance(entry.get("name"), str):
-                found = entry.get("pool") or "none"
-                recorded[entry["name"]] = found if found in POOLS else "none"
+        if spec.kind == "features":
+            for request in parse_features(list(spec.settings.get("layers", [])), flag="the cache's manifest"):
+                recorded[request.name] = request.pool
     names = [a.name[len(FEATURES):] for a in cache.manifest.arrays if a.name.startswith(FEATURES)]
     return {name: recorded.get(name, "none") for name in names}
 
@@ -516,11 +496,26 @@ class Objective:
         return _RKD(name, layer, features[name])
 
     # --- running -------------------------------------------------------------------------------
+    @contextlib.contextmanager
     def tap(self, student: torch.nn.Module):
-        """A FeatureTap on the student's layers the terms read (a no-op context when none)."""
+        """A FeatureTap on the student's layers the terms read (None when there are none)."""
         if not self.layers:
-            return contextlib.nullcontext(None)
-        return FeatureTap(student, self.layers, flag="--feature-map" if self.features else "--rkd-student-layer")
+            yield None
+            return
+        flag = "--feature-map" if self.features else "--rkd-student-layer"
+        tap = FeatureTap(student, self.layers, flag=flag)
+        try:
+            tap.__enter__()
+        except KDCacheError:
+            raise
+        except Exception as e:  # noqa: BLE001 - torch refusing hooks on the user's model
+            hint = ": a TorchScript student has no hooks, give it as a Python module" \
+                if isinstance(student, torch.jit.ScriptModule) else ""
+            raise ConfigError(f"{flag}: cannot tap the student's layers ({_one_line(e)}){hint}") from None
+        try:
+            yield tap
+        finally:
+            tap.__exit__(None, None, None)
 
     def forward(self, student: torch.nn.Module, tap: FeatureTap | None, x: Any,
                 failed: str) -> tuple[Any, dict[str, torch.Tensor]]:
@@ -543,29 +538,41 @@ class Objective:
 
     def _student(self, term_layer: str, pool_how: str, feats: dict[str, torch.Tensor],
                  mask: torch.Tensor | None, flag: str = "--feature-map") -> torch.Tensor:
-        """The student's layer pooled as the cache's feature was (the dump's own pooling)."""
-        return pool(feats[term_layer], pool_how, mask if self.token else None, flag=flag, name=term_layer)
+        """The student's layer pooled as the cache's feature was, by the dump's own rule: the
+        padding mask counts where the layer's first two axes are the batch's (B, L)."""
+        x = feats[term_layer]
+        tokens = mask is not None and x.ndim >= 2 and tuple(x.shape[:2]) == tuple(mask.shape)
+        return pool(x, pool_how, mask if tokens else None, flag=flag, name=term_layer)
+
+    @staticmethod
+    def pool_mask(batch: dict[str, Any], x: Any, device: torch.device) -> torch.Tensor | None:
+        """(B, L) bool, False at padding: the token batch's mask, or the attention_mask of padded
+        token items (a sequence classifier's cache, a row per item); None for other inputs."""
+        mask = batch.get("mask")
+        if mask is None and isinstance(x, dict) and isinstance(x.get(MASK), torch.Tensor):
+            mask = x[MASK]
+        return None if mask is None else mask.to(device, non_blocking=True).bool()
 
     def _attention(self, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """The cached attention maps as [B, H, L, L]. Token data stores a row per query token,
-        [B, L, H, K] once padded (K >= L keys): its queries are moved behind the heads."""
-        if self.token and t.ndim == 4 and s.ndim == 4 and t.shape[1] == s.shape[-2] and t.shape[-1] >= s.shape[-1]:
-            return t.transpose(1, 2)[..., : s.shape[-1]]
-        return t
+        return attention_maps(t, s.shape[-1]) if self.token else t
 
     def terms(self, s: torch.Tensor | None, t: Any, y: torch.Tensor, mask: torch.Tensor | None,
-              feats: dict[str, torch.Tensor], batch: dict[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
-        """Each term's unweighted value on this batch, by its metrics key."""
+              feats: dict[str, torch.Tensor], batch: dict[str, Any], device: torch.device,
+              x: Any = None) -> dict[str, torch.Tensor]:
+        """Each term's unweighted value on this batch, by its metrics key. ``mask``: the token
+        batch's (the response terms'); pooling also reads padded token items' attention_mask."""
         out: dict[str, torch.Tensor] = {}
+        pool_mask = self.pool_mask(batch, x, device) if feats else None
         if self.ce:
             out["loss/ce"] = ce_loss(s, y, mask=mask)
         if self.kd:
             out["loss/kd"] = soft_kl(s, t, self.temperature, mask=mask)
         for term in self.features:
-            out[term.key] = self._term_loss(term, feats, batch[term.map.array].to(device, non_blocking=True), mask)
+            out[term.key] = self._term_loss(term, feats, batch[term.map.array].to(device, non_blocking=True),
+                                            pool_mask)
         if self.rkd is not None:
             teacher = batch[FEATURES + self.rkd.teacher].to(device, non_blocking=True)
-            student = self._student(self.rkd.student, self.rkd.pool, feats, mask, "--rkd-student-layer")
+            student = self._student(self.rkd.student, self.rkd.pool, feats, pool_mask, "--rkd-student-layer")
             if self.cfg.rkd_distance > 0:
                 out["loss/rkd_distance"] = rkd_distance(student, teacher)
             if self.cfg.rkd_angle > 0:
@@ -579,7 +586,8 @@ class Objective:
             if student.ndim != 4:
                 raise ValueError(f"the student's {term.map.student} has shape {tuple(student.shape)}; the attention "
                                  "loss needs attention maps (B, heads, L, L), e.g. a layer attentions.N")
-            return attention_loss(student, self._attention(student, teacher), mask)
+            keys = mask if mask is not None and tuple(mask.shape) == (student.shape[0], student.shape[-1]) else None
+            return attention_loss(student, self._attention(student, teacher), keys)
         student = term.projector(self._student(term.map.student, term.pool, feats, mask), teacher)
         return feature_loss(student, teacher, self.cfg.feature_loss, mask if term.per_token else None,
                             dim=term.projector._axis(student.ndim))
@@ -590,10 +598,10 @@ class Objective:
                    "loss/rkd_angle": self.cfg.rkd_angle, **{t.key: t.map.weight for t in self.features}}
         return sum(weights[key] * value for key, value in terms.items())
 
-    def build(self, feats: dict[str, torch.Tensor], batch: dict[str, Any], mask: torch.Tensor | None,
-              device: torch.device) -> None:
+    def build(self, feats: dict[str, torch.Tensor], batch: dict[str, Any], x: Any, device: torch.device) -> None:
         """The first batch through every feature term: builds the projectors from its shapes, and
         turns a shape that does not fit into an error naming the flag, both layers and shapes."""
+        mask = self.pool_mask(batch, x, device)
         for term in self.features:
             teacher = batch[term.map.array].to(device)
             try:
@@ -627,6 +635,16 @@ class Objective:
              "axis": t.projector.axis,
              "state_dict": {k: v.detach().cpu() for k, v in t.projector.state_dict().items()}}
             for t in self.projectors]}
+
+
+def attention_maps(cached: torch.Tensor, length: int) -> torch.Tensor:
+    """A token cache's attention maps as ``[B, H, L, L]``: the dump stores a row per query token,
+    ``[heads, longest]`` (its attention over the keys, zero-padded to the dataset's longest
+    sequence), so a batch holds ``[B, L, H, longest]``: the queries go behind the heads and the keys
+    are cut to the batch's ``L``."""
+    if cached.ndim != 4 or cached.shape[1] != length or cached.shape[-1] < length:
+        return cached  # not that layout: attention_loss names the shapes
+    return cached.transpose(1, 2)[..., :length]
 
 
 def load_projectors(path: str | os.PathLike) -> dict[tuple[str, str], Projector]:

@@ -1,33 +1,29 @@
 """`kdcache train` with feature terms: --feature-map (with projectors), --feature-loss, RKD.
 
-The caches are real Zarr caches written with kdcache's own Writer (the dump's protocol: begin,
-create_arrays, write_chunk, finalize) from a real teacher, whose layers this file taps with its
-own forward hooks: the student side (kdcache.features.FeatureTap) is checked against an
-independent teacher side.
+The caches are real ones, made by `kdcache dump --features` (branch feat) from a teacher trained
+here; the first test checks what they hold against this file's own forward hooks, so the
+student side (kdcache.features.FeatureTap, pool) is checked against an independent teacher side.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import textwrap
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pytest
 import torch
 from torch import nn
 
 import kdcache
-from kdcache.capture.kinds import Dense
-from kdcache.capture.layouts import SampleRows
-from kdcache.config import TrainConfig
-from kdcache.datasets import digits_test, digits_train, digits_train_few_labels
+from kdcache.capture.dump import dump
+from kdcache.config import DumpConfig, TrainConfig
+from kdcache.datasets import digits_train
 from kdcache.errors import ConfigError, ModelOutputError
-from kdcache.fingerprint import data_fingerprint, teacher_fingerprint
 from kdcache.sources import load_module
-from kdcache.store.schema import ArraySpec, CaptureSpec, DataInfo, Manifest, RowOrder, TeacherInfo
-from kdcache.store.writer import Writer
 from kdcache.train import load_projectors, train
 
 from conftest import run_cli
@@ -79,63 +75,30 @@ MODELS = textwrap.dedent(
 )
 
 
-# --- a real cache, written with kdcache's Writer, features taken by this file's own hooks -----------
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These models are tiny: one intra-op thread is as fast, and many times faster on a busy shared
+    machine, where two threads spin waiting for each other (measured: 19 s -> 1.1 s a run). The
+    CLI's subprocesses get OMP_NUM_THREADS=1."""
+    before, env = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
+    yield
+    torch.set_num_threads(before)
+    if env is None:
+        os.environ.pop("OMP_NUM_THREADS", None)
+    else:
+        os.environ["OMP_NUM_THREADS"] = env
 
 
-def _pooled(x: torch.Tensor, how: str) -> torch.Tensor:
-    if how == "none":
-        return x
-    if how == "flatten":
-        return x.reshape(len(x), -1)
-    assert how == "mean" and x.ndim == 4  # a conv map: the mean over H, W
-    return x.mean(dim=(2, 3))
+# --- real caches, made by `kdcache dump --features` ---------------------------------------------------
 
 
-def write_cache(out: Path, teacher: nn.Module, data, data_spec: str, features: dict[str, str], *,
-                logits: bool = True, chunk_rows: int = 256) -> Path:
-    """A complete cache of ``data`` through ``teacher``: index, label, (dense float32 logits) and an
-    array features/NAME per {module NAME: POOL}, recorded in the manifest's capture section."""
-    teacher = teacher.eval()
-    order = RowOrder()
-    layout = SampleRows(data, order)
-    rows = layout.rows
-    taken: dict[str, torch.Tensor] = {}
-    modules = dict(teacher.named_modules())
-    hooks = [modules[name].register_forward_hook(lambda m, i, o, name=name: taken.__setitem__(name, o))
-             for name in features]
-    dense = Dense("float32")
-    try:
-        with torch.no_grad():
-            x0, _ = layout.fetch(layout.steps([0], chunk_rows, 1)[0])
-            probe = layout.probe_logits(teacher(x0), len(x0))
-            shapes = {name: tuple(_pooled(taken[name], pool).shape[1:]) for name, pool in features.items()}
-        fp = teacher_fingerprint(teacher)
-        capture = ((dense.spec(),) if logits else ()) + (
-            CaptureSpec("features", 1, {"features": [f"{n}:{p}" for n, p in features.items()]}),)
-        manifest = Manifest(rows=rows, chunk_rows=chunk_rows, order=order, classes=probe.shape[-1],
-                            teacher=TeacherInfo(spec="wide_teacher", digest=fp.digest, weights=fp.weights, code=fp.code),
-                            data=DataInfo(spec=data_spec, length=rows, fingerprint=data_fingerprint(data)),
-                            capture=capture)
-        arrays = layout.arrays(False) + (dense.declare(probe, rows) if logits else []) + [
-            ArraySpec(f"features/{name}", (rows, *shape), "float32", ("row", *(f"f{i}" for i in range(len(shape)))))
-            for name, shape in shapes.items()]
-        writer = Writer.begin(str(out), manifest)
-        writer.create_arrays(arrays, layout.columns)
-        for chunk in range(writer.manifest.num_chunks):
-            (step,) = layout.steps([chunk], chunk_rows, chunk_rows)
-            x, labels = layout.fetch(step)
-            with torch.no_grad():
-                selected = layout.select(teacher(x), step, x, labels)
-            batch = {name: t.numpy() for name, t in selected.arrays.items()}
-            if logits:
-                batch.update({k: v.numpy() for k, v in dense.encode(selected.out, step.start).arrays.items()})
-            batch.update({f"features/{name}": _pooled(taken[name], pool).numpy() for name, pool in features.items()})
-            table = pa.table({c: selected.table[c].numpy() for c in layout.columns})
-            writer.write_chunk(chunk, batch, table)
-        writer.finalize()
-    finally:
-        for hook in hooks:
-            hook.remove()
+def dump_cache(out: Path, teacher: str, data: str, features: tuple[str, ...], *, logits: str = "full",
+               checkpoint: str | None = None, chunk_rows: int = 256) -> Path:
+    dump(DumpConfig(teacher=teacher, checkpoint=checkpoint, data=data, out=str(out), logits=logits,
+                    values="float32", features=features, features_dtype="float32", chunk_rows=chunk_rows),
+         progress=False)
     return out
 
 
@@ -147,10 +110,11 @@ def zoo(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def teacher(zoo) -> nn.Module:
-    """The wide teacher, trained on the digits training split (about 0.97 test accuracy)."""
+def teacher(zoo) -> tuple[str, str]:
+    """The wide teacher, trained on the digits training split (0.96 test accuracy): (spec, checkpoint)."""
     torch.manual_seed(0)
-    model = load_module(f"{zoo / 'models.py'}:wide_teacher", "--teacher")
+    spec = f"{zoo / 'models.py'}:wide_teacher"
+    model = load_module(spec, "--teacher")
     d = digits_train()
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     for _ in range(150):
@@ -158,19 +122,22 @@ def teacher(zoo) -> nn.Module:
         opt.zero_grad()
         loss.backward()
         opt.step()
-    return model.eval()
+    checkpoint = zoo / "teacher.pt"
+    torch.save(model.state_dict(), checkpoint)
+    return spec, str(checkpoint)
 
 
 @pytest.fixture(scope="module")
 def caches(tmp_path_factory, teacher) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("fcaches")
+    spec, checkpoint = teacher
     return {
         # logits, the 128-wide hidden layer "1" and the 64-wide embedding "3"
-        "full": write_cache(root / "full.zarr", teacher, digits_train(), DATA, {"1": "none", "3": "none"}),
-        # features only (dumped with --logits none): the embedding alone
-        "features": write_cache(root / "feat.zarr", teacher, digits_train(), DATA, {"3": "none"}, logits=False),
+        "full": dump_cache(root / "full.zarr", spec, DATA, ("1", "3"), checkpoint=checkpoint),
+        # features only (--logits none): the embedding alone
+        "features": dump_cache(root / "feat.zarr", spec, DATA, ("3",), logits="none", checkpoint=checkpoint),
         # 5 labels per class: where the teacher's hidden layer has the most to teach
-        "few": write_cache(root / "few.zarr", teacher, digits_train_few_labels(), FEW, {"1": "none"}, logits=False),
+        "few": dump_cache(root / "few.zarr", spec, FEW, ("1",), logits="none", checkpoint=checkpoint),
     }
 
 
@@ -187,15 +154,19 @@ def _metrics(out: Path) -> list[dict]:
 # --- the cache this file writes is a real one ----------------------------------------------------
 
 
-def test_the_written_cache_holds_the_teachers_features(caches, teacher):
+def test_the_dumped_cache_holds_the_teachers_features(caches, teacher, zoo):
+    """What the dump stored, against this file's own hook on the teacher."""
     cache = kdcache.open(caches["full"])
     assert cache.arrays["features/1"].shape == (1258, 128) and cache.arrays["features/3"].shape == (1258, 64)
+    assert [c.settings for c in cache.manifest.capture if c.kind == "features"] == [
+        {"layers": ["1", "3"], "dtype": "float32"}]
+    model = load_module(teacher[0], "--teacher", teacher[1]).eval()
+    taken = {}
+    model[1].register_forward_hook(lambda m, i, o: taken.__setitem__("1", o))
     index = cache.read("index", 0, 10)
-    x = digits_train().inputs[torch.from_numpy(index)]
     with torch.no_grad():
-        hidden = teacher[1](teacher[0](x))
-        logits = teacher(x)
-    np.testing.assert_allclose(cache.read("features/1", 0, 10), hidden.numpy(), rtol=1e-5, atol=1e-6)
+        logits = model(digits_train().inputs[torch.from_numpy(index)])
+    np.testing.assert_allclose(cache.read("features/1", 0, 10), taken["1"].numpy(), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(cache.read("logits", 0, 10), logits.numpy(), rtol=1e-5, atol=1e-6)
     assert "logits" not in kdcache.open(caches["features"]).arrays
 
@@ -296,16 +267,15 @@ def test_a_student_without_logits_trains_on_features_alone(tmp_path, zoo, caches
 def test_conv_maps_project_channels(tmp_path, zoo):
     """Un-pooled conv maps (N, C, 8, 8): a 4 -> 12 channel projector at every pixel; pooled ones
     (mean over H, W, as the cache recorded) against (N, 12)."""
-    cache = write_cache(tmp_path / "conv.zarr", load_module(f"{zoo / 'models.py'}:ConvTeacher", "--teacher"),
-                        digits_train(), DATA, {"conv": "none", "fc": "none"}, chunk_rows=512)
+    conv = f"{zoo / 'models.py'}:ConvTeacher"
+    cache = dump_cache(tmp_path / "conv.zarr", conv, DATA, ("conv", "fc"))
     out = tmp_path / "run"
     train(_cfg(zoo, cache, out, student="ConvStudent", feature_map=("conv=conv",), epochs=3), progress=False)
     values = [m["loss/feature/conv=conv"] for m in _metrics(out)]
     assert values[-1] < values[0]
     state = torch.load(out / "projectors.pt", weights_only=True)["projectors"][0]
     assert (state["student_width"], state["teacher_width"]) == (4, 12)
-    pooled = write_cache(tmp_path / "pooled.zarr", load_module(f"{zoo / 'models.py'}:ConvTeacher", "--teacher"),
-                         digits_train(), DATA, {"conv": "mean"}, chunk_rows=512)
+    pooled = dump_cache(tmp_path / "pooled.zarr", conv, DATA, ("conv:mean",))
     assert kdcache.open(pooled).arrays["features/conv"].shape == (1258, 12)
     train(_cfg(zoo, pooled, tmp_path / "p", student="ConvStudent", feature_map=("conv=conv",), epochs=1),
           progress=False)
@@ -367,6 +337,17 @@ def test_shapes_that_cannot_be_mapped_name_both_layers(tmp_path, zoo, caches):
     assert not (tmp_path / "run").exists()
 
 
+def test_a_torchscript_student_cannot_be_tapped(tmp_path, zoo, caches):
+    scripted = tmp_path / "student.pt"
+    torch.jit.script(load_module(f"{zoo / 'models.py'}:student", "--student")).save(str(scripted))
+    with pytest.raises(ConfigError, match=r"--feature-map: cannot tap the student's layers \(RuntimeError: "
+                                          r"register_forward_hook is not supported on ScriptModules\): a TorchScript "
+                                          r"student has no hooks"):
+        train(replace(_cfg(zoo, caches["full"], tmp_path / "run", feature_map=("0=1",)),
+                      student=f"torchscript:{scripted}"), progress=False)
+    assert not (tmp_path / "run").exists()
+
+
 def test_nothing_to_train(tmp_path, zoo, caches):
     with pytest.raises(ConfigError, match=r"nothing to train: --cache .* holds no response targets \(dumped with "
                                           r"--logits none\), so there is no KD term; --alpha 1 turns CE off; give "
@@ -393,3 +374,136 @@ def test_cli_refusal_is_one_line(tmp_path, zoo, caches):
                 "--out", tmp_path / "run", "--feature-map", "0=hidden", "--quiet")
     assert r.returncode == 2
     assert r.stderr.strip() == "error: --feature-map 0=hidden: the cache has no feature 'hidden'; its features: 1, 3"
+
+
+# --- Hugging Face transformers: hidden states, attention maps, token caches --------------------------
+
+HF_MODELS = textwrap.dedent(
+    """
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification, BertModel
+
+    def _config(hidden, layers, heads, **kw):
+        return BertConfig(vocab_size=40, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                          intermediate_size=2 * hidden, max_position_embeddings=32, hidden_dropout_prob=0.0,
+                          attention_probs_dropout_prob=0.0, **kw)
+
+    def encoder_teacher():
+        torch.manual_seed(0)
+        return BertModel(_config(32, 2, 4))
+
+    def encoder_student():
+        return BertModel(_config(16, 1, 2))
+
+    def classifier_teacher():
+        torch.manual_seed(0)
+        return BertForSequenceClassification(_config(32, 2, 4, num_labels=3))
+    """
+)
+
+HF_DATA = textwrap.dedent(
+    """
+    import torch
+
+    def _items(labels):
+        g = torch.Generator().manual_seed(0)
+        out = []
+        for i in range(96):
+            item = {"input_ids": torch.randint(1, 40, (4 + i % 9,), generator=g)}
+            if labels:
+                item["label"] = i % 3
+            out.append(item)
+        return out
+
+    def sentences():
+        return _items(False)
+
+    def labelled_sentences():
+        return _items(True)
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def hf(tmp_path_factory) -> Path:
+    pytest.importorskip("transformers")
+    root = tmp_path_factory.mktemp("hf")
+    (root / "hf_models.py").write_text(HF_MODELS)
+    (root / "hf_data.py").write_text(HF_DATA)
+    return root
+
+
+def _hf_cfg(hf, cache, out, student, data="sentences", **kw) -> TrainConfig:
+    base = dict(student=f"{hf / 'hf_models.py'}:{student}", data=f"{hf / 'hf_data.py'}:{data}", cache=str(cache),
+                out=str(out), epochs=3, batch_size=16, lr=3e-3, seed=0, device="cpu", alpha=1.0)
+    return TrainConfig(**{**base, **kw})
+
+
+ENCODER_MAPS = ("hidden_states.2=hidden_states.2", "attentions.1=attentions.1",
+                "hidden_states.-1=hidden_states.-1")
+
+
+def test_a_transformer_encoder_without_logits_on_a_token_cache(tmp_path, hf):
+    """A BertModel teacher (no logits) dumped per token with --logits none: hidden states per token,
+    attention maps per query token, a mean-pooled sentence embedding per sequence. The teacher
+    itself as the student (lr 1e-12: it does not move) gives ~0 on every term, which checks that
+    both sides take, pool, pad and lay out the same numbers; a smaller BertModel (2 heads, width 16)
+    then learns every term."""
+    cache = dump_cache(tmp_path / "tok.zarr", f"{hf / 'hf_models.py'}:encoder_teacher", f"{hf / 'hf_data.py'}:sentences",
+                       ("hidden_states.2", "attentions.1", "hidden_states.-1:mean"), logits="none")
+    c = kdcache.open(cache)
+    assert c.manifest.sequences == 96 and c.arrays["features/attentions.1"].shape == (c.rows, 4, 12)
+    assert c.arrays["features/hidden_states.-1"].axis == "sequence"
+    same = train(_hf_cfg(hf, cache, tmp_path / "same", "encoder_teacher", lr=1e-12, epochs=1,
+                         feature_map=ENCODER_MAPS, rkd_distance=1.0, rkd_angle=1.0,
+                         rkd_feature="hidden_states.-1"), progress=False)
+    final = same["final"]
+    assert same["terms"] == ["loss/feature/hidden_states.2=hidden_states.2", "loss/attention/attentions.1=attentions.1",
+                             "loss/feature/hidden_states.-1=hidden_states.-1", "loss/rkd_distance", "loss/rkd_angle"]
+    for key in same["terms"]:
+        assert abs(final[key]) < 1e-5, (key, final[key])
+    out = tmp_path / "small"
+    student_maps = ("hidden_states.1=hidden_states.2", "attentions.0=attentions.1", "hidden_states.-1=hidden_states.-1")
+    summary = train(_hf_cfg(hf, cache, out, "encoder_student", feature_map=student_maps, rkd_distance=1.0,
+                            epochs=4), progress=False)
+    lines = _metrics(out)
+    for key in summary["terms"]:
+        assert lines[-1][key] < lines[0][key], (key, [m[key] for m in lines])
+    widths = [(p["student_layer"], p["student_width"], p["teacher_width"], p["axis"])
+              for p in torch.load(out / "projectors.pt", weights_only=True)["projectors"]]
+    assert widths == [("hidden_states.1", 16, 32, -1), ("hidden_states.-1", 16, 32, None)]
+
+
+def test_cached_attention_rows_are_the_teachers_maps(tmp_path, hf):
+    """The loader's [B, L, heads, longest] rows, laid out by attention_maps, are the live teacher's
+    [B, heads, L, L] attention maps at every real query and key."""
+    from kdcache.loader import CacheDataset
+    from kdcache.sources import load_dataset
+    from kdcache.train import attention_maps
+
+    cache = dump_cache(tmp_path / "att.zarr", f"{hf / 'hf_models.py'}:encoder_teacher",
+                       f"{hf / 'hf_data.py'}:sentences", ("attentions.0",), logits="none")
+    data = load_dataset(f"{hf / 'hf_data.py'}:sentences", "--data")
+    ds = CacheDataset(cache, data, batch_size=8, seed=0, rank=0, world=1)
+    batch = next(iter(ds))
+    teacher = load_module(f"{hf / 'hf_models.py'}:encoder_teacher", "--teacher").eval()
+    teacher.set_attn_implementation("eager")
+    with torch.no_grad():
+        live = teacher(**batch["input"], output_attentions=True).attentions[0]  # (B, 4, L, L)
+    maps = attention_maps(batch["features/attentions.0"].float(), live.shape[-1])
+    real = batch["mask"][:, None, :, None] & batch["mask"][:, None, None, :]
+    torch.testing.assert_close(maps.masked_fill(~real, 0), live.masked_fill(~real, 0), rtol=1e-3, atol=1e-3)
+
+
+def test_a_classifier_on_padded_token_items_pools_with_the_attention_mask(tmp_path, hf):
+    """A sequence classifier's cache has a row per item, its token items right-padded; the dump
+    pooled hidden_states.-1:mean over real tokens only, and so must the student: the teacher as
+    its own student gives ~0 (it would not, were padding averaged in)."""
+    cache = dump_cache(tmp_path / "cls.zarr", f"{hf / 'hf_models.py'}:classifier_teacher",
+                       f"{hf / 'hf_data.py'}:labelled_sentences", ("hidden_states.-1:mean",), chunk_rows=32)
+    assert kdcache.open(cache).manifest.sequences is None  # a row per item
+    summary = train(_hf_cfg(hf, cache, tmp_path / "same", "classifier_teacher", data="labelled_sentences",
+                            alpha=0.5, lr=1e-12, epochs=1, feature_map=("hidden_states.-1=hidden_states.-1",)),
+                    progress=False)
+    assert summary["terms"] == ["loss/ce", "loss/kd", "loss/feature/hidden_states.-1=hidden_states.-1"]
+    assert summary["final"]["loss/kd"] < 1e-5 and summary["final"]["loss/feature/hidden_states.-1=hidden_states.-1"] < 1e-6
