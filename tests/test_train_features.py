@@ -95,9 +95,9 @@ def _one_thread():
 
 
 def dump_cache(out: Path, teacher: str, data: str, features: tuple[str, ...], *, logits: str = "full",
-               checkpoint: str | None = None, chunk_rows: int = 256) -> Path:
+               checkpoint: str | None = None, chunk_rows: int = 256, dtype: str = "float32") -> Path:
     dump(DumpConfig(teacher=teacher, checkpoint=checkpoint, data=data, out=str(out), logits=logits,
-                    values="float32", features=features, features_dtype="float32", chunk_rows=chunk_rows),
+                    values=dtype, features=features, features_dtype=dtype, chunk_rows=chunk_rows),
          progress=False)
     return out
 
@@ -281,6 +281,18 @@ def test_conv_maps_project_channels(tmp_path, zoo):
           progress=False)
     state = torch.load(tmp_path / "p" / "projectors.pt", weights_only=True)["projectors"][0]
     assert state["pool"] == "mean" and (state["student_width"], state["teacher_width"]) == (4, 12)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_features(tmp_path, zoo, teacher, dtype):
+    """Features stored in 16 bits (the dump's default is float16) train the same way: read in float32."""
+    cache = dump_cache(tmp_path / "half.zarr", *teacher[:1], DATA, ("1", "3"), checkpoint=teacher[1], dtype=dtype)
+    out = tmp_path / "run"
+    train(_cfg(zoo, cache, out, feature_map=("0=1", "2=3:0.1"), rkd_angle=1.0, rkd_feature="3", epochs=3),
+          progress=False)
+    lines = _metrics(out)
+    for key in ("loss/feature/0=1", "loss/feature/2=3", "loss/rkd_angle", "loss/kd"):
+        assert lines[-1][key] < lines[0][key], key
 
 
 def test_config_file_takes_a_list_of_feature_maps(tmp_path, zoo, caches):
