@@ -23,6 +23,8 @@ SETTINGS: dict[str, Any] = {
     # bench_train: MNIST-sized data, a small student and a >= 10x bigger teacher
     "train_rows": 20_000, "train_in": 784, "train_classes": 10,
     "student_hidden": 512, "teacher_hidden": 2048, "teacher_layers": 3,
+    # bench_features: a small CNN on synthetic images, two feature maps mean-pooled
+    "feat_rows": 4096, "feat_size": 32, "feat_width": 64, "feat_classes": 1000,
 }
 _built: dict[tuple, Any] = {}
 
@@ -122,3 +124,32 @@ def train_data() -> TensorPairs:
     s = SETTINGS
     key = ("train_data", s["train_rows"], s["train_in"], s["train_classes"])
     return _once(key, lambda: synthetic(s["train_rows"], s["train_in"], s["train_classes"], seed=7))
+
+
+# --- bench_features ------------------------------------------------------------------------------------
+def feat_teacher() -> nn.Module:
+    """conv(3, w) > ReLU > conv(w, 2w, /2) > ReLU > conv(2w, 4w, /2) > ReLU > mean > linear: its
+    layers ``1`` and ``3`` (ReLU outputs, [B, w, S, S] and [B, 2w, S/2, S/2]) are the tapped ones."""
+    s = SETTINGS
+    w = s["feat_width"]
+
+    def make() -> nn.Module:
+        torch.manual_seed(8)
+        return nn.Sequential(nn.Conv2d(3, w, 3, padding=1), nn.ReLU(), nn.Conv2d(w, 2 * w, 3, stride=2, padding=1),
+                             nn.ReLU(), nn.Conv2d(2 * w, 4 * w, 3, stride=2, padding=1), nn.ReLU(),
+                             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4 * w, s["feat_classes"]))
+
+    return _once(("feat_teacher", w, s["feat_classes"]), make)
+
+
+def feat_data() -> TensorPairs:
+    s = SETTINGS
+    key = ("feat_data", s["feat_rows"], s["feat_size"], s["feat_classes"])
+
+    def make() -> TensorPairs:
+        g = torch.Generator().manual_seed(9)
+        n, size = s["feat_rows"], s["feat_size"]
+        return TensorPairs(torch.randn(n, 3, size, size, generator=g), torch.randint(0, s["feat_classes"], (n,),
+                                                                                    generator=g))
+
+    return _once(key, make)

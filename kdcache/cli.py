@@ -131,7 +131,8 @@ def dump(
     device: str = DeviceOpt,
     logits: str = typer.Option("full", help="What is kept of the teacher's output: full (every class), topk:K (the K "
                                "most probable, their log-probabilities and the logsumexp), sample:N or sample:N@T "
-                               "(N draws at temperature T, as unique ids and counts), or none."),
+                               "(N draws at temperature T, as unique ids and counts), or none (no logits are read: the "
+                               "teacher may have none; keep --features instead)."),
     values: str = typer.Option("float16", "--values", "--dtype", help="How values are stored: float16, bfloat16, "
                                "float32, or uint8[:STEP] (log-probabilities in steps of STEP nats, default 1/16)."),
     temperatures: str = typer.Option("1", help="With topk:K, also store the logsumexp at these temperatures "
@@ -147,7 +148,7 @@ def dump(
                                              "default) or full (every item)."),
     store_inputs: bool = typer.Option(False, help="Token data: keep the input ids in the cache, so `kdcache train` "
                                       "needs no --data and no tokenizer."),
-    features: Optional[list[str]] = typer.Option(None, "--features", help="NAME[:POOL] (repeatable): also keep this "
+    features: Optional[list[str]] = typer.Option(None, "--features", metavar="NAME[:POOL]", help="NAME[:POOL] (repeatable): also keep this "
                                                  "layer's output as features/NAME. NAME: a module (`kdcache layers` "
                                                  "lists them) or hidden_states.N / attentions.N (Hugging Face); POOL: "
                                                  "none (default), mean (over tokens, skipping padding; over H, W of a "

@@ -173,7 +173,11 @@ class FeatureTap:
     def __enter__(self) -> "FeatureTap":
         try:
             for name, module in self.modules.items():
-                self._handles.append(module.register_forward_hook(self._hook(name)))
+                try:
+                    self._handles.append(module.register_forward_hook(self._hook(name)))
+                except RuntimeError as e:  # TorchScript modules take no hooks
+                    raise ConfigError(f"{self.flag} {name}: cannot hook this module ({e}); a TorchScript model's "
+                                      "layers cannot be tapped: give the Python module") from None
             if any(k == "attentions" for k, _ in self.pseudo.values()):
                 self._eager_attention()
         except BaseException:

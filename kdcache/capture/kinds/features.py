@@ -154,7 +154,7 @@ class Features(Capture):
             stored, bad = self._stored(y)
             if where == SEQUENCE:
                 sequences[r.array] = stored
-                invalid.index_put_((taps.owned_rows,), bad, accumulate=True)  # a sequence's last token stands for it
+                invalid[taps.owned_rows] |= bad  # a sequence's last token stands for it (one row each)
             else:
                 arrays[r.array] = stored
                 invalid |= bad
