@@ -107,12 +107,13 @@ def test_second_dump_into_a_store_being_written_is_refused(slow_module, tmp_path
         env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1"}
         second = subprocess.run(_cmd(slow_module, out), capture_output=True, text=True, env=env, timeout=120)
         message = " ".join(second.stderr.split())
+        lock = _lock(out)  # read before checking the first still runs: no race with its end
         assert first.poll() is None, "the first dump ended too soon for this test"
         assert second.returncode != 0
         assert "is locked by another process" in message, message
         assert f"pid {first.pid} on {socket.gethostname()}" in message, message
         # The lock is still the first dump's, for the whole dump (creating the group must not wipe it).
-        assert _lock(out)["pid"] == first.pid
+        assert lock is not None and lock["pid"] == first.pid
         _, stderr = first.communicate(timeout=120)
         assert first.returncode == 0, stderr
     finally:
