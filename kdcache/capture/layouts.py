@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from kdcache.capture.kinds.base import index_dtype
-from kdcache.capture.outputs import Reductions, extract_logits, extract_token_logits
+from kdcache.capture.outputs import Reductions, extract_logits, extract_token_logits, find_logits
 from kdcache.errors import DataError, TeacherOutputError
 from kdcache.sources.items import NO_LABEL, fetch_batch
 from kdcache.sources.tokens import IDS, MASK, fetch_padded, next_token_labels, pad, tokens
@@ -94,17 +94,6 @@ class Probe:
 
 def _items_text(items: tuple[int, ...]) -> str:
     return f"dataset item {items[0]}" if len(items) == 1 else f"the batch of dataset items {items[0]}, {items[1]}, …"
-
-
-def find_logits(output: Any) -> torch.Tensor | None:
-    """The logits tensor of an output by the rule of :func:`extract_logits` (None: there is none)."""
-    if isinstance(output, (tuple, list)) and output:
-        output = output[0]
-    elif isinstance(output, dict) and "logits" in output:
-        output = output["logits"]
-    elif not isinstance(output, torch.Tensor) and hasattr(output, "logits"):
-        output = output.logits
-    return output if isinstance(output, torch.Tensor) else None
 
 
 def plan_batches(chunks: list[int], rows: int, chunk_rows: int, batch_size: int) -> list[tuple[int, int, int]]:

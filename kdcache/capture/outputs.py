@@ -25,14 +25,27 @@ def call_model(model: torch.nn.Module, inputs: Any) -> Any:
     return model(**inputs) if isinstance(inputs, dict) else model(inputs)
 
 
+def _logits_of(output: Any) -> Any:
+    """What a model output holds as its logits: itself (a tensor), the first element of a tuple,
+    ``["logits"]`` of a dict, or ``.logits`` (Hugging Face)."""
+    if isinstance(output, (tuple, list)) and output:
+        return output[0]
+    if isinstance(output, dict) and "logits" in output:
+        return output["logits"]
+    if not isinstance(output, torch.Tensor) and hasattr(output, "logits"):
+        return output.logits
+    return output
+
+
+def find_logits(output: Any) -> torch.Tensor | None:
+    """The logits tensor of an output by the rule of :func:`extract_logits` (None: there is none)."""
+    found = _logits_of(output)
+    return found if isinstance(found, torch.Tensor) else None
+
+
 def extract_logits(output: Any, batch: int, flag: str = "--teacher") -> torch.Tensor:
     """The ``[B, C]`` logits in a model output: a tensor, the first element of a tuple, or ``.logits``."""
-    if isinstance(output, (tuple, list)) and output:
-        output = output[0]
-    elif not isinstance(output, torch.Tensor) and hasattr(output, "logits"):
-        output = output.logits
-    elif isinstance(output, dict) and "logits" in output:
-        output = output["logits"]
+    output = _logits_of(output)
     error = TeacherOutputError if flag == "--teacher" else ModelOutputError
     if not isinstance(output, torch.Tensor):
         raise error(f"{flag}: the model returned {type(output).__name__}; expected a [batch, classes] "
@@ -46,12 +59,7 @@ def extract_logits(output: Any, batch: int, flag: str = "--teacher") -> torch.Te
 def extract_token_logits(output: Any, batch: int, flag: str = "--teacher") -> torch.Tensor:
     """The ``[B, L, V]`` logits of a language model's output: a tensor, a tuple starting with one,
     or an object with ``.logits`` (Hugging Face)."""
-    if isinstance(output, (tuple, list)) and output:
-        output = output[0]
-    elif isinstance(output, dict) and "logits" in output:
-        output = output["logits"]
-    elif not isinstance(output, torch.Tensor) and hasattr(output, "logits"):
-        output = output.logits
+    output = _logits_of(output)
     if not isinstance(output, torch.Tensor) or output.ndim != 3 or output.shape[0] != batch \
             or not output.is_floating_point():
         got = f"a {output.dtype} tensor of shape {tuple(output.shape)}" if isinstance(output, torch.Tensor) else \
