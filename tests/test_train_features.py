@@ -24,7 +24,8 @@ from kdcache.config import DumpConfig, TrainConfig
 from kdcache.datasets import digits_train
 from kdcache.errors import ConfigError, ModelOutputError
 from kdcache.sources import load_module
-from kdcache.train import load_projectors, train
+from kdcache.objective import load_projectors
+from kdcache.train import train
 
 from conftest import run_cli
 
@@ -490,7 +491,7 @@ def test_cached_attention_rows_are_the_teachers_maps(tmp_path, hf):
     [B, heads, L, L] attention maps at every real query and key."""
     from kdcache.loader import CacheDataset
     from kdcache.sources import load_dataset
-    from kdcache.train import attention_maps
+    from kdcache.objective import attention_maps
 
     cache = dump_cache(tmp_path / "att.zarr", f"{hf / 'hf_models.py'}:encoder_teacher",
                        f"{hf / 'hf_data.py'}:sentences", ("attentions.0",), logits="none")
@@ -523,7 +524,7 @@ def test_a_classifier_on_padded_token_items_pools_with_the_attention_mask(tmp_pa
 def test_the_loader_reads_only_what_the_terms_use(zoo, caches):
     """A cache with logits and two features: each run reads the arrays its terms compare with."""
     from kdcache.sources import load_module
-    from kdcache.train import Objective
+    from kdcache.objective import Objective
 
     cache = kdcache.open(caches["full"])
     student = load_module(f"{zoo / 'models.py'}:student", "--student")
