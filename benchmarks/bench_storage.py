@@ -42,7 +42,7 @@ from pipelines.lm import data, distill, models  # noqa: E402
 
 QUALITY = [("full", "float16"), ("full", "uint8"),
            *[(f"topk:{k}", v) for k in (8, 32, 128) for v in ("float16", "uint8")],
-           *[(f"sample:{n}", "float16") for n in (16, 50, 100)]]
+           *[(f"sample:{n}", "float16") for n in (8, 12, 16, 50, 100)]]
 
 
 def main() -> None:
@@ -52,6 +52,10 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--alpha", type=float, default=0.9)
     p.add_argument("--speed-tokens", type=int, default=30_000, help="tokens of the speed comparisons")
+    p.add_argument("--seeds", type=lambda t: [int(x) for x in t.split(",")], default=[0],
+                   help="student seeds (comma-separated): each variant trains once per seed; the table shows means")
+    p.add_argument("--only", type=lambda t: t.split(","), default=None,
+                   help="comma-separated captures (full, topk:8, sample:16, full:uint8, labels, ...); default all")
     p.add_argument("--part", choices=("all", "quality", "speed"), default="all",
                    help="quality: the bytes/token table; speed: step and dump ratios (wants a quiet machine)")
     args = p.parse_args()
@@ -70,31 +74,55 @@ def main() -> None:
 
 
 def quality(out: Path, args) -> list[dict]:
-    """Dump each capture once, train a student from each, measure them on held-out text."""
-    caches = {(c, v): distill.dump_cache(out, c, v) for c, v in QUALITY}
-    rows = [{**distill.train_student(out, caches[("sample:16", "float16")], alpha=0.0, epochs=args.epochs,
-                                     tag="labels-only"), "capture": "labels only", "values": "", "bytes": 0.0,
-             "cache_bytes": 0.0}]
-    for (capture, values), cache in caches.items():
-        row = distill.train_student(out, cache, alpha=args.alpha, epochs=args.epochs)
-        rows.append({**row, "capture": capture, "values": values, "bytes": cache.bytes_per_token,
-                     "cache_bytes": cache.bytes / cache.tokens})
-    for values in ("float16",):  # the biased recipe, beside the tail bucket
-        row = distill.train_student(out, caches[("topk:32", values)], alpha=args.alpha, epochs=args.epochs,
-                                    topk_mode="renormalize")
-        rows.append({**row, "capture": "topk:32 renormalize", "values": values,
-                     "bytes": caches[("topk:32", values)].bytes_per_token,
-                     "cache_bytes": caches[("topk:32", values)].bytes / caches[("topk:32", values)].tokens})
+    """Dump each capture once, train a student from each (per seed), measure them on held-out text."""
+    chosen = [(c, v) for c, v in QUALITY if not args.only or c in args.only or f"{c}:{v}" in args.only]
+    caches = {(c, v): distill.dump_cache(out, c, v) for c, v in chosen}
+    runs = []  # (capture label, values, cache, topk mode)
+    if not args.only or "labels" in args.only:
+        runs.append(("labels only", "", None, "tail"))
+    runs += [(c, v, cache, "tail") for (c, v), cache in caches.items()]
+    if ("topk:32", "float16") in caches:  # the biased recipe, beside the tail bucket
+        runs.append(("topk:32 renormalize", "float16", caches[("topk:32", "float16")], "renormalize"))
+    rows = []
+    for seed in args.seeds:
+        for label, values, cache, mode in runs:
+            if cache is None:  # labels only: alpha 0 over any cache of the same tokens
+                any_cache = next(iter(caches.values())) if caches else distill.dump_cache(out, "sample:16", "float16")
+                row = distill.train_student(out, any_cache, alpha=0.0, epochs=args.epochs, seed=seed,
+                                            tag="labels-only" + (f"-s{seed}" if seed else ""))
+                rows.append({**row, "capture": label, "values": "", "bytes": 0.0, "cache_bytes": 0.0, "ids": 0.0})
+                continue
+            row = distill.train_student(out, cache, alpha=args.alpha, epochs=args.epochs, topk_mode=mode, seed=seed)
+            rows.append({**row, "capture": label, "values": values, "bytes": cache.bytes_per_token,
+                         "cache_bytes": cache.bytes / cache.tokens, "ids": kept_ids(cache)})
     calibrate(rows, out)
-    full_kl = next(r["kl"] for r in rows if r["capture"] == "full" and r["values"] == "float16")
-    table = [[r["capture"], r["values"], f"{r['bytes']:,.1f}", f"{r['cache_bytes']:,.1f}", f"{r['kl']:.4f}",
-              f"{r['kl'] / full_kl:.3f}", f"{r['accuracy']:.4f}", f"{r['perplexity']:.2f}", f"{r['top1']:.3f}",
-              f"{r['entropy']:.3f}"] for r in rows]
-    print(f"\nteacher {distill.TEACHER}; students on {caches[QUALITY[0]].tokens:,} tokens, {args.epochs} epochs, "
-          f"alpha {args.alpha}, T 1")
-    print(common.table(table, ["capture", "values", "target B/token", "cache B/token", "held-out KL", "x full KL",
-                               "accuracy", "perplexity", "top-1 p", "entropy"]))
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["capture"], r["values"]), []).append(r)
+    full = groups.get(("full", "float16"))
+    full_kl = statistics.mean(r["kl"] for r in full) if full else float("nan")
+    table = []
+    for (capture, values), rs in groups.items():
+        kl = statistics.mean(r["kl"] for r in rs)
+        mean = {k: statistics.mean(r[k] for r in rs) for k in ("accuracy", "perplexity", "top1", "entropy")}
+        table.append([capture, values, f"{rs[0]['ids']:,.1f}", f"{rs[0]['bytes']:,.1f}", f"{rs[0]['cache_bytes']:,.1f}",
+                      f"{kl:.4f}", " ".join(f"{r['kl']:.4f}" for r in rs), f"{kl / full_kl:.3f}",
+                      f"{mean['accuracy']:.4f}", f"{mean['perplexity']:.2f}", f"{mean['top1']:.3f}",
+                      f"{mean['entropy']:.3f}"])
+    tokens = next(iter(caches.values())).tokens if caches else 0
+    print(f"\nteacher {distill.TEACHER}; students on {tokens:,} tokens, {args.epochs} epochs, alpha {args.alpha}, T 1, "
+          f"seeds {','.join(map(str, args.seeds))} (means over seeds)")
+    print(common.table(table, ["capture", "values", "ids/token", "target B/token", "cache B/token", "held-out KL",
+                               "KL per seed", "x full KL", "accuracy", "perplexity", "top-1 p", "entropy"]))
     return rows
+
+
+def kept_ids(cache) -> float:
+    """Class ids a token keeps: K for top-k, the distinct ids drawn for sampled, V for full."""
+    c = kdcache.open(cache.path)
+    if "sample/count" in c.arrays:
+        return float((c.read("sample/count") > 0).sum(1).mean())
+    return float(c.arrays["topk/index"].shape[1] if "topk/index" in c.arrays else c.manifest.classes)
 
 
 @torch.no_grad()
