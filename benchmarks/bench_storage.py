@@ -56,6 +56,8 @@ def main() -> None:
                    help="student seeds (comma-separated): each variant trains once per seed; the table shows means")
     p.add_argument("--only", type=lambda t: t.split(","), default=None,
                    help="comma-separated captures (full, topk:8, sample:16, full:uint8, labels, ...); default all")
+    p.add_argument("--skip-dump-speed", action="store_true", help="speed: time the training steps only, on the "
+                   "caches an earlier speed run dumped")
     p.add_argument("--part", choices=("all", "quality", "speed"), default="all",
                    help="quality: the bytes/token table; speed: step and dump ratios (wants a quiet machine)")
     args = p.parse_args()
@@ -153,7 +155,13 @@ def measure_speed(out: Path, args, device) -> dict:
                             overwrite=True, device=str(device)), progress=False)
         return run
 
-    dump_times = common.interleaved({c: dumper(c) for c in caches}, args.repeats, args.warmup, device)
+    if args.skip_dump_speed:  # the caches of an earlier run, only the training steps timed
+        missing = [str(p) for p in caches.values() if not p.exists()]
+        if missing:
+            sys.exit(f"--skip-dump-speed: no caches of an earlier speed run at {', '.join(missing)}")
+        dump_times = {}
+    else:
+        dump_times = common.interleaved({c: dumper(c) for c in caches}, args.repeats, args.warmup, device)
     student = models.student().to(device)
     opt = torch.optim.AdamW(student.parameters(), lr=1e-3)
 
@@ -180,14 +188,16 @@ def measure_speed(out: Path, args, device) -> dict:
     train_times = common.interleaved(steps, args.repeats, args.warmup, device)
     med_dump = {k: statistics.median(v) for k, v in dump_times.items()}
     med_train = {k: statistics.median(v) for k, v in train_times.items()}
-    print("\ndump (same teacher and tokens):")
-    print(common.table([[k, f"{v:.2f}", f"{med_dump['full'] / v:.3f}"] for k, v in med_dump.items()],
-                       ["capture", "median s", "throughput x full"]))
+    if med_dump:
+        print("\ndump (same teacher and tokens):")
+        print(common.table([[k, f"{v:.2f}", f"{med_dump['full'] / v:.3f}"] for k, v in med_dump.items()],
+                           ["capture", "median s", "throughput x full"]))
     print("training epoch (same student and loader):")
     print(common.table([[k, f"{v:.2f}", f"{med_train['plain (CE)'] / v:.3f}"] for k, v in med_train.items()],
                        ["step", "median s/epoch", "steps/s x plain"]))
     verdicts = [common.verdict(f"{c} dump / full dump", med_dump["full"] / med_dump[c], 0.95,
-                               common.paired(dump_times["full"], dump_times[c])) for c in ("topk:32", "sample:50")]
+                               common.paired(dump_times["full"], dump_times[c]))
+                for c in ("topk:32", "sample:50") if med_dump]
     verdicts += [common.verdict(f"{k} step / plain step", med_train["plain (CE)"] / med_train[k], 0.9,
                                 common.paired(train_times["plain (CE)"], train_times[k]))
                  for k in ("top-k:32 KD", "sample:50 KD")]

@@ -266,3 +266,40 @@ def test_non_stored_temperature_error(vocab):
                 assert (l_approx - l_exact).abs() <= 0.9 * l_exact, (where, l_exact, l_approx)
                 l_exact, l_approx = soft_kl(close, exact, temperature), soft_kl(close, approx, temperature)
                 assert (l_approx - l_exact).abs() <= 0.65, (where, l_exact, l_approx)
+
+
+def test_rows_with_large_and_tiny_tails_in_one_batch():
+    """The tail is read off the K kept log-probabilities where it is large and summed over the tail
+    classes where it is tiny (below 1e-3): a batch mixing both matches float64 on every row."""
+    gen = torch.Generator().manual_seed(5)
+    vocab, k = 1000, 8
+    z = _gauss(6, vocab, 1.0, gen)
+    z[:, :k] += torch.tensor([12.0, 10, 9, 8, 7, 6, 5, 4], dtype=torch.float64)
+    s = _gauss(6, vocab, 1.0, gen)
+    s[::2, :k] += 20.0 + torch.arange(k, 0, -1, dtype=torch.float64)  # rows 0, 2, 4: tail ~1e-10
+    s[1::2, :k] += torch.tensor([3.0, 2, 1, 0, 0, 0, 0, 0], dtype=torch.float64)  # rows 1, 3, 5: tail > 0.5
+    ref, ref_grad = _loss_and_grad(s, TopKTargets.from_logits(z, k), 1.0, reduction="none")
+    got, grad = _loss_and_grad(s.float(), TopKTargets.from_logits(z.float(), k), 1.0, reduction="none")
+    torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=0)
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=0, atol=1e-4 * ref_grad.abs().max().item())
+
+
+@pytest.mark.parametrize("kind", ["dense", "topk"])
+def test_ce_and_soft_term_share_the_log_softmax_at_t1(kind):
+    """At T = 1 kd_loss computes one log-softmax for both terms: the same loss and gradient as the
+    two terms computed apart."""
+    from kdcache.losses import ce_loss
+
+    gen = torch.Generator().manual_seed(7)
+    z, s = _gauss(16, 50, 2.0, gen).float(), _gauss(16, 50, 1.0, gen).float()
+    y = torch.randint(0, 50, (16,), generator=gen)
+    y[3] = -1  # unlabelled
+    teacher = z if kind == "dense" else TopKTargets.from_logits(z, 5)
+    a = s.clone().requires_grad_()
+    together = kd_loss(a, teacher, y, temperature=1.0, alpha=0.3)
+    together.backward()
+    b = s.clone().requires_grad_()
+    apart = 0.7 * ce_loss(b, y) + 0.3 * soft_kl(b, teacher, 1.0)
+    apart.backward()
+    torch.testing.assert_close(together, apart, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-7)

@@ -179,6 +179,24 @@ class _TailLogMass(torch.autograd.Function):
         return grad_log_q, None
 
 
+TAIL_EXACT_BELOW = 1e-3  # a student tail mass below this is summed over the tail classes themselves
+
+
+def _tail_log_mass(log_q: Tensor, log_q_kept: Tensor, index: Tensor) -> Tensor:
+    """``log sum_{v not in index} q_v`` (R,): ``log1mexp(logsumexp_k log q_k)`` from the K kept
+    log-probabilities (no pass over V), except on the rows whose tail is below
+    ``TAIL_EXACT_BELOW``, where the absolute error of ~1e-7 of a float32 ``log q_k`` would be
+    too large a share of it: those rows sum the tail classes themselves (:class:`_TailLogMass`)."""
+    kept = torch.logsumexp(log_q_kept, dim=-1)  # (R,) log of the kept mass
+    limit = math.log1p(-TAIL_EXACT_BELOW)
+    small = kept.detach() > limit  # (R,)
+    tail = _log1mexp(kept.clamp_max(limit))  # (R,): finite, with a finite gradient, on every row
+    if bool(small.any()):
+        rows = small.nonzero().squeeze(-1)  # (r,)
+        tail = tail.index_put((rows,), _TailLogMass.apply(log_q[rows], index[rows]))
+    return tail
+
+
 def _kl_rows(log_q: Tensor, log_p: Tensor) -> Tensor:
     """sum_c p_c (log p_c - log q_c) over the last dim, 0 (not NaN) where p_c = 0. Returns (R,)."""
     # a class with p = 0 (log p = -inf) must add 0, not 0 * -inf = NaN: clamping its log-probability
@@ -198,8 +216,8 @@ def _stored(temperatures: tuple[float, ...], temperature: float) -> int | None:
 # --- per-row soft terms: (R, V) student logits, targets with R rows -> (R,) T^2 * KL ---------------
 
 
-def _dense_rows(s: Tensor, logits: Tensor, temperature: float) -> Tensor:
-    log_q = F.log_softmax(s / temperature, dim=-1)  # (R, V)
+def _dense_rows(s: Tensor, logits: Tensor, temperature: float, log_q: Tensor | None = None) -> Tensor:
+    log_q = _student_log_probs(s, temperature, log_q)  # (R, V)
     log_p = F.log_softmax(logits.detach().to(s.dtype) / temperature, dim=-1)  # (R, V), a constant
     return _kl_rows(log_q, log_p) * temperature**2  # (R,)
 
@@ -234,8 +252,8 @@ def _topk_log_probs(teacher: TopKTargets, temperature: float, dtype: torch.dtype
     return logprob / temperature + (lse_1 / temperature - lse_t)[:, None]  # (R, K)
 
 
-def _topk_rows(s: Tensor, teacher: TopKTargets, temperature: float) -> Tensor:
-    log_q = F.log_softmax(s / temperature, dim=-1)  # (R, V), the student over all V classes
+def _topk_rows(s: Tensor, teacher: TopKTargets, temperature: float, log_q: Tensor | None = None) -> Tensor:
+    log_q = _student_log_probs(s, temperature, log_q)  # (R, V), the student over all V classes
     index = teacher.index  # (R, K)
     log_q_kept = log_q.gather(-1, index)  # (R, K)
     if teacher.mode == "renormalize":
@@ -247,7 +265,7 @@ def _topk_rows(s: Tensor, teacher: TopKTargets, temperature: float) -> Tensor:
         return _kl_rows(log_q_kept, log_p) * temperature**2
     # the tail bucket, in log space: 1 - kept is meaningless in float32 once kept is near 1
     log_p_tail = _log1mexp(torch.logsumexp(log_p, dim=-1).clamp_max(0.0))  # (R,)
-    log_q_tail = _TailLogMass.apply(log_q, index)  # (R,)
+    log_q_tail = _tail_log_mass(log_q, log_q_kept, index)  # (R,)
     log_q_buckets = torch.cat([log_q_kept, log_q_tail[:, None]], dim=-1)  # (R, K + 1)
     log_p_buckets = torch.cat([log_p, log_p_tail[:, None]], dim=-1)  # (R, K + 1)
     return _kl_rows(log_q_buckets, log_p_buckets) * temperature**2
@@ -263,9 +281,9 @@ def _check_sampled_temperature(teacher: SampledTargets, temperature: float) -> N
         )
 
 
-def _sampled_rows(s: Tensor, teacher: SampledTargets, temperature: float) -> Tensor:
+def _sampled_rows(s: Tensor, teacher: SampledTargets, temperature: float, log_q: Tensor | None = None) -> Tensor:
     """T^2 (-sum_m (c_m / N) log q_T(x_m) - H(p_T)): its mean over draws is T^2 KL(p_T || q_T)."""
-    log_q = F.log_softmax(s / temperature, dim=-1)  # (R, V)
+    log_q = _student_log_probs(s, temperature, log_q)  # (R, V)
     count = teacher.count  # (R, M)
     index = teacher.index.where(count > 0, 0)  # (R, M): a padding slot may hold any id
     weight = count.to(s.dtype) / teacher.draws  # (R, M), 0 at padding slots
@@ -273,26 +291,33 @@ def _sampled_rows(s: Tensor, teacher: SampledTargets, temperature: float) -> Ten
     return (cross_entropy - teacher.entropy.detach().to(s.dtype)) * temperature**2
 
 
-def _soft_rows(s: Tensor, teacher: Teacher, temperature: float) -> Tensor:
-    """Per-row T^2 * KL of the flattened student logits (R, V). Returns (R,)."""
+def _soft_rows(s: Tensor, teacher: Teacher, temperature: float, log_q: Tensor | None = None) -> Tensor:
+    """Per-row T^2 * KL of the flattened student logits (R, V); ``log_q``: their log-softmax at
+    ``temperature`` when the caller has it already. Returns (R,)."""
     s = s.to(_compute_dtype(s))
     if isinstance(teacher, (Tensor, DenseTargets)):
         logits = teacher if isinstance(teacher, Tensor) else teacher.logits
-        return _dense_rows(s, logits.reshape(s.shape), temperature)
+        return _dense_rows(s, logits.reshape(s.shape), temperature, log_q)
     lead = teacher.index.ndim - 1
     teacher = _map_tensors(teacher, lambda t: t.reshape(-1, *t.shape[lead:]))  # R rows
     if isinstance(teacher, TopKTargets):
-        return _topk_rows(s, teacher, temperature)
-    return _sampled_rows(s, teacher, temperature)
+        return _topk_rows(s, teacher, temperature, log_q)
+    return _sampled_rows(s, teacher, temperature, log_q)
 
 
-def _ce_rows(s: Tensor, labels: Tensor, valid: Tensor | None) -> tuple[Tensor, Tensor]:
+def _student_log_probs(s: Tensor, temperature: float, log_q: Tensor | None) -> Tensor:
+    return log_q if log_q is not None else F.log_softmax(s / temperature, dim=-1)
+
+
+def _ce_rows(s: Tensor, labels: Tensor, valid: Tensor | None, log_q: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Per-row cross-entropy of (R, V) logits, 0 on unlabelled and padding rows, and the mask of
-    the rows it counts. Returns (R,), (R,)."""
-    s = s.to(_compute_dtype(s))  # (R, V)
+    the rows it counts; ``log_q``: their log-softmax when the caller has it. Returns (R,), (R,)."""
     labels = labels.long().clamp_min(IGNORE_INDEX)  # (R,): any negative label means unlabelled
     if valid is not None:
         labels = labels.where(valid, IGNORE_INDEX)  # (R,)
+    if log_q is not None:  # the soft term's log-softmax at T = 1: one pass over (R, V) serves both
+        return F.nll_loss(log_q, labels, ignore_index=IGNORE_INDEX, reduction="none"), labels != IGNORE_INDEX
+    s = s.to(_compute_dtype(s))  # (R, V)
     ce = F.cross_entropy(s, labels, ignore_index=IGNORE_INDEX, reduction="none")  # (R,), 0 where ignored
     return ce, labels != IGNORE_INDEX
 
@@ -407,11 +432,14 @@ def kd_loss(
     valid = None if mask is None else mask.reshape(-1)  # (R,)
     dtype = _compute_dtype(student_logits)
     loss = s.new_zeros(lead if reduction == "none" else (), dtype=dtype)
+    # Both terms at T = 1 share one log-softmax: its forward and backward over (R, V) are most of
+    # the loss's cost with a large vocabulary (a token batch of an LM).
+    shared = F.log_softmax(s.to(dtype), dim=-1) if 0 < alpha < 1 and temperature == 1.0 else None  # (R, V)
     if alpha < 1:  # hard term; skipped entirely at alpha=1
-        rows, labelled = _ce_rows(s, labels.reshape(-1), valid)  # (R,), (R,)
+        rows, labelled = _ce_rows(s, labels.reshape(-1), valid, shared)  # (R,), (R,)
         loss = loss + (1 - alpha) * _reduce(rows, reduction, labelled.sum().clamp_min(1), lead)
     if alpha > 0:  # soft term; skipped entirely at alpha=0, so a bad teacher cannot leak NaN into CE
-        rows = _soft_rows(s, teacher, temperature)  # (R,)
+        rows = _soft_rows(s, teacher, temperature, shared)  # (R,)
         if valid is not None:
             rows = rows.where(valid, 0.0)
         loss = loss + alpha * _reduce(rows, reduction, _valid_count(valid, s.shape[0]), lead)
