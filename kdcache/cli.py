@@ -10,7 +10,7 @@ import functools
 import json
 import os
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 from rich.console import Console
@@ -247,10 +247,30 @@ def train(
     text_column: str = TextColumnOpt,
     label_column: Optional[str] = LabelColumnOpt,
     max_length: Optional[int] = MaxLengthOpt,
+    feature_map: Optional[List[str]] = typer.Option(
+        None, "--feature-map", help="STUDENT_LAYER=TEACHER_LAYER[:WEIGHT], repeatable: add WEIGHT (default 1) × the "
+        "--feature-loss between the student's layer (a module name, or hidden_states.N / attentions.N), pooled as "
+        "the cache's feature was, and the cached feature TEACHER_LAYER (dumped with --features). A learned linear "
+        "projector maps the student's width to the teacher's where they differ (saved as projectors.pt). A "
+        "TEACHER_LAYER attentions.N uses the attention loss (KL per query row)."),
+    feature_loss: str = typer.Option("mse", help="The --feature-map loss: mse (mean squared error per element) or "
+                                     "cosine (1 - cosine similarity over the feature axis)."),
+    rkd_distance: float = typer.Option(0.0, help="Weight of RKD's distance term (Park et al. 2019): the batch's "
+                                       "pairwise distances of --rkd-feature, normalized by their mean; 0: off."),
+    rkd_angle: float = typer.Option(0.0, help="Weight of RKD's angle term: the angles of the batch's triplets of "
+                                    "--rkd-feature embeddings; 0: off."),
+    rkd_feature: Optional[str] = typer.Option(None, help="The cached embedding (a feature with one vector per sample) "
+                                              "RKD compares; default: the cache's only one."),
+    rkd_student_layer: Optional[str] = typer.Option(None, help="The student's layer RKD compares with --rkd-feature "
+                                                    "(pooled as it was); default: the one --feature-map pairs with "
+                                                    "it."),
     quiet: bool = QuietOpt,
     config: Optional[Path] = ConfigOpt,
 ):
-    """Train a student from a cache (the teacher does not run)."""
+    """Train a student from a cache (the teacher does not run).
+
+    Loss: (1-α)·CE + α·T²·KL + Σ WEIGHT·feature terms + RKD terms; KD only when the cache holds
+    response targets, CE only when α < 1 and the data has labels."""
     from kdcache.config import TrainConfig
     from kdcache.train import train as run_train
 

@@ -9,6 +9,7 @@ from typing import Any
 from kdcache.errors import ConfigError
 
 DEVICES = ("auto", "cpu", "cuda")
+FEATURE_LOSSES = ("mse", "cosine")
 ORDERS = ("shuffled", "dataset")
 DATA_CHECKS = ("sampled", "full")
 
@@ -105,6 +106,47 @@ class DumpConfig:
 
 
 @dataclass(frozen=True)
+class FeatureMap:
+    """One ``--feature-map STUDENT_LAYER=TEACHER_LAYER[:WEIGHT]``."""
+
+    student: str  # a layer of the student (a module name, or hidden_states.N / attentions.N)
+    teacher: str  # a feature of the cache: its array is features/<teacher>
+    weight: float = 1.0
+    text: str = ""  # as given, for messages
+
+    @property
+    def array(self) -> str:
+        return f"features/{self.teacher}"
+
+    @property
+    def attention(self) -> bool:
+        """A teacher layer named ``attentions.N`` is compared with the attention loss."""
+        return self.teacher.startswith("attentions.")
+
+
+def parse_feature_map(text: Any) -> FeatureMap:
+    """``"fc1=hidden_states.4:0.5"`` → FeatureMap; bad syntax is a ConfigError naming --feature-map."""
+    usage = "expected STUDENT_LAYER=TEACHER_LAYER[:WEIGHT] (e.g. fc1=encoder.layer.3:0.5)"
+    if not isinstance(text, str):
+        raise ConfigError(f"--feature-map: {usage}, got {text!r} instead")
+    student, eq, rest = text.strip().partition("=")
+    teacher, colon, weight_text = rest.rpartition(":") if ":" in rest else (rest, "", "")
+    teacher = teacher.strip().removeprefix("features/")
+    student = student.strip()
+    if not eq or not student or not teacher or any(c.isspace() or c in "=:" for c in student + teacher):
+        raise ConfigError(f"--feature-map {text!r}: {usage}")
+    weight = 1.0
+    if colon:
+        try:
+            weight = float(weight_text)
+        except ValueError:
+            weight = float("nan")
+        if not (math.isfinite(weight) and weight >= 0):
+            raise ConfigError(f"--feature-map {text!r}: expected WEIGHT a number >= 0, got {weight_text!r} instead")
+    return FeatureMap(student, teacher, weight, text.strip())
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     student: str
     data: str | None  # None: the cache holds its inputs (a token cache dumped with --store-inputs)
@@ -132,9 +174,41 @@ class TrainConfig:
     text_column: str = "text"
     label_column: str | None = None
     max_length: int | None = None
+    feature_map: tuple[str, ...] = ()  # STUDENT_LAYER=TEACHER_LAYER[:WEIGHT], one term each
+    feature_loss: str = "mse"  # mse or cosine, for every --feature-map term but attention maps
+    rkd_distance: float = 0.0  # weight of RKD's distance term
+    rkd_angle: float = 0.0  # weight of RKD's angle term
+    rkd_feature: str | None = None  # the cached embedding RKD compares; None: the only per-sample feature
+    rkd_student_layer: str | None = None  # the student's; None: the one --feature-map pairs with --rkd-feature
 
     def __post_init__(self) -> None:
         _text_settings(self)
+        if self.feature_map is None:
+            object.__setattr__(self, "feature_map", ())
+        if isinstance(self.feature_map, str):
+            object.__setattr__(self, "feature_map", (self.feature_map,))
+        if not isinstance(self.feature_map, (list, tuple)):
+            raise ConfigError(f"--feature-map: expected STUDENT_LAYER=TEACHER_LAYER[:WEIGHT] strings, "
+                              f"got {self.feature_map!r}")
+        object.__setattr__(self, "feature_map", tuple(self.feature_map))
+        maps = self.feature_maps()
+        pairs = [(m.student, m.teacher) for m in maps]
+        for pair in pairs:
+            if pairs.count(pair) > 1:
+                raise ConfigError(f"--feature-map {pair[0]}={pair[1]} is given twice; give each pair once "
+                                  "(with a weight: STUDENT=TEACHER:WEIGHT)")
+        _choice("--feature-loss", self.feature_loss, FEATURE_LOSSES)
+        for flag, value in (("--rkd-distance", self.rkd_distance), ("--rkd-angle", self.rkd_angle)):
+            if not (_finite(value) and value >= 0):
+                raise ConfigError(f"{flag} must be a weight >= 0, got {value!r}")
+        for flag, value in (("--rkd-feature", self.rkd_feature), ("--rkd-student-layer", self.rkd_student_layer)):
+            if value is not None and not (isinstance(value, str) and value.strip()):
+                raise ConfigError(f"{flag} must be a layer name, got {value!r}")
+            if value is not None and not self.rkd:
+                raise ConfigError(f"{flag} {value}: RKD is off; give --rkd-distance W and/or --rkd-angle W (> 0)")
+        if self.online and (maps or self.rkd):
+            raise ConfigError("--feature-map and RKD read the teacher's features from the cache; --online runs the "
+                              "teacher live for its logits only: leave out --online")
         _positive("--epochs", self.epochs)
         _positive("--batch-size", self.batch_size)
         if not (_finite(self.lr) and self.lr > 0):
@@ -160,6 +234,15 @@ class TrainConfig:
             raise ConfigError("--online needs --teacher SPEC (the teacher to run live)")
         if not self.online and not self.cache:
             raise ConfigError("--cache PATH is required (or --online --teacher SPEC to run the teacher live)")
+
+    def feature_maps(self) -> list[FeatureMap]:
+        """--feature-map, parsed."""
+        return [parse_feature_map(text) for text in self.feature_map]
+
+    @property
+    def rkd(self) -> bool:
+        """Whether an RKD term is on."""
+        return bool(self.rkd_distance) or bool(self.rkd_angle)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
