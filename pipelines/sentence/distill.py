@@ -33,7 +33,8 @@ import torch
 import kdcache
 from kdcache.capture.dump import dump
 from kdcache.config import DumpConfig, TrainConfig
-from kdcache.train import load_projectors, train
+from kdcache.objective import load_projectors
+from kdcache.train import train
 from pipelines.sentence.models import MAX_LENGTH, teacher_dir
 
 TEACHER_LAST = "encoder.layer.5"  # last_hidden_state of all-MiniLM-L6-v2: its sentence embedding, mean-pooled
