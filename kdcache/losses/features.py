@@ -287,16 +287,22 @@ def rkd_distance(student_emb: Tensor, teacher_emb: Tensor) -> Tensor:
     value times (B - 1) / B. With fewer than 2 rows there is no pair and the loss is 0.
     Memory: a few (B, B) tensors (distances come from the Gram matrix).
     """
-    dtype = _dtype(student_emb)
-    s, t = _embeddings(student_emb, "student_emb", dtype), _embeddings(teacher_emb, "teacher_emb", dtype).detach()
-    _check_pair(s, t)
+    s, t = _relation_inputs(student_emb, teacher_emb)
     b = s.shape[0]
     if b < 2:
         return s.sum() * 0.0
-    eps = _eps(dtype)
+    eps = _eps(s.dtype)
     off = ~torch.eye(b, dtype=torch.bool, device=s.device)
     ds, dt = _distances(s, eps), _distances(t, eps)
     return F.smooth_l1_loss(ds[off], dt[off], beta=1.0)
+
+
+def _relation_inputs(student_emb: Tensor, teacher_emb: Tensor) -> tuple[Tensor, Tensor]:
+    """Both embeddings as checked ``(B, D)`` matrices in one compute dtype, the teacher's detached."""
+    dtype = _dtype(student_emb)
+    s, t = _embeddings(student_emb, "student_emb", dtype), _embeddings(teacher_emb, "teacher_emb", dtype).detach()
+    _check_pair(s, t)
+    return s, t
 
 
 def _angles(x: Tensor) -> Tensor:
@@ -338,9 +344,7 @@ def rkd_angle(student_emb: Tensor, teacher_emb: Tensor) -> Tensor:
     and backward together took 3.6 ms at B = 64, 31 ms at B = 128 and 0.9 s at B = 256 on one
     CPU core).
     """
-    dtype = _dtype(student_emb)
-    s, t = _embeddings(student_emb, "student_emb", dtype), _embeddings(teacher_emb, "teacher_emb", dtype).detach()
-    _check_pair(s, t)
+    s, t = _relation_inputs(student_emb, teacher_emb)
     b = s.shape[0]
     if b < 3:
         return s.sum() * 0.0
