@@ -271,3 +271,24 @@ def test_ids_wider_than_a_byte_come_back_as_signed_tensors(lm, tmp_path, capture
     loss = kd_loss(student, batch["targets"], batch["label"], temperature=1.0, alpha=0.5, mask=batch["mask"])
     loss.backward()
     assert torch.isfinite(loss) and student.grad.abs().sum() > 0
+
+
+def test_store_inputs_without_logits(lm, tmp_path):
+    """--logits none --store-inputs: no logits bound the vocabulary, the ids are kept as uint32 and
+    come back as the dataset's tokens."""
+    out = tmp_path / "c.zarr"
+    dump(DumpConfig(teacher=f"{lm}:teacher", data=f"{lm}:data", out=str(out), logits="none", features=("emb",),
+                    batch_size=16, store_inputs=True), progress=False)
+    cache = kdcache.open(out)
+    assert cache.arrays["inputs/input_ids"].dtype == "uint32"
+    batch = next(iter(CacheDataset(cache, None, batch_size=8, shuffle=False)))
+    ids, mask = batch["input"]["input_ids"], batch["mask"]
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("lm_for_inputs", lm)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    data = module.data()
+    for row, item in enumerate(batch["index"].tolist()):
+        want = data[item]["input_ids"][data[item]["attention_mask"].bool()]
+        assert ids[row][mask[row]].tolist() == want.tolist()

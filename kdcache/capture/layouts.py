@@ -206,8 +206,9 @@ class TokenRows:
         specs = [ArraySpec("index", (self.sequences,), "int64", ("sequence",), sc.NO_INDEX, axis="sequence"),
                  ArraySpec("offsets", (self.sequences + 1,), "int64", ("boundary",), 0, axis="sequence")]
         if store_inputs:
-            specs.append(ArraySpec("inputs/input_ids", (self.rows,), index_dtype(self.vocab), ("row",), 0,
-                                   compressor="zstd"))
+            # the logits' width bounds the ids; with --logits none there are none: any id < 2**31
+            ids = index_dtype(self.vocab) if self.vocab is not None else "uint32"
+            specs.append(ArraySpec("inputs/input_ids", (self.rows,), ids, ("row",), 0, compressor="zstd"))
         return specs
 
     def sequence_data(self) -> dict[str, np.ndarray]:
