@@ -396,6 +396,32 @@ def layers(
               "flatten)", highlight=False)
 
 
+@app.command()
+@friendly
+def calibrate(
+    ctx: typer.Context,
+    cache: Optional[str] = typer.Option(None, help="A cache of held-out labelled data dumped with --logits full "
+                                        "(every logit: top-k and sampled caches are refused)."),
+    out_: Optional[str] = typer.Option(None, "--out", help="Directory for calibration.json (written last) and "
+                                       "reliability.png (before and after, side by side)."),
+    quiet: bool = QuietOpt,
+    config: Optional[Path] = ConfigOpt,
+):
+    """Fit temperature scaling on held-out data: one T > 0 minimizing the NLL of softmax(logits / T).
+
+    Writes calibration.json (temperature, ece_before/after, nll_before/after, rows, the cache and its
+    fingerprints) and reliability.png. ECE uses 15 equal-width confidence bins. Only labelled rows
+    (label >= 0) count; a cache with none is refused."""
+    from kdcache.analysis.calibrate import calibrate as run_calibrate
+
+    p = _params(ctx, config, "cache", "out")
+    result = run_calibrate(p["cache"], p["out"], progress=not p["quiet"])
+    bound = " (at the search's bound)" if result.at_bound else ""
+    err.print(f"T = {result.temperature:.4f}{bound} over {result.rows:,} labelled rows: ECE {result.ece_before:.4f} → "
+              f"{result.ece_after:.4f}, NLL {result.nll_before:.4f} → {result.nll_after:.4f} → "
+              f"{escape(str(Path(p['out']) / 'calibration.json'))}", highlight=False)
+
+
 def main() -> None:
     app()
 
