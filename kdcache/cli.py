@@ -422,6 +422,39 @@ def calibrate(
               f"{escape(str(Path(p['out']) / 'calibration.json'))}", highlight=False)
 
 
+@app.command()
+@friendly
+def report(
+    ctx: typer.Context,
+    cache: Optional[str] = typer.Option(None, help="The cache to describe (its teacher on the student's data)."),
+    eval_cache: Optional[str] = typer.Option(None, help="A cache of held-out labelled data from the same teacher: "
+                                             "held-out accuracy and ECE, and temperature scaling fitted on it "
+                                             "(needs --logits full)."),
+    runs: Optional[List[str]] = typer.Option(None, "--runs", metavar="DIR", help="A finished `kdcache train` run "
+                                             "directory (repeatable): the runs table, learning curves, the T x alpha "
+                                             "grid, per-class accuracy against the alpha = 0 runs (each run's "
+                                             "student is rebuilt from its --student spec and evaluated on its "
+                                             "--eval-data: run the report where the runs were trained)."),
+    out_: Optional[str] = typer.Option(None, "--out", help="Directory for index.html (written last), its PNG "
+                                       "figures beside it and report.json."),
+    top: int = typer.Option(20, help="Rows in the table of the teacher's most confident disagreements with the "
+                            "labels."),
+    quiet: bool = QuietOpt,
+    config: Optional[Path] = ConfigOpt,
+):
+    """Write an HTML report on a cache: teacher accuracy, calibration, confidence, per-class errors, runs.
+
+    One self-contained index.html (inline CSS, no scripts, nothing fetched) with PNG figures beside
+    it; reads the cache's per-row table a part at a time, and logits only to fit --eval-cache's
+    temperature."""
+    from kdcache.analysis.report import report as run_report
+
+    p = _params(ctx, config, "cache", "out")
+    page = run_report(p["cache"], p["out"], eval_cache=p.get("eval_cache"), runs=p.get("runs"), top=p["top"],
+                      progress=not p["quiet"])
+    err.print(f"wrote {escape(str(page))}", highlight=False)
+
+
 def main() -> None:
     app()
 

@@ -160,8 +160,9 @@ def per_class_bars(series: dict[str, np.ndarray], path: Path, title: str, ylabel
     ax.set_xlabel("class")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
-    if len(series) > 1 or overall is not None or diverging:
-        ax.legend(fontsize=8, loc="lower right" if not diverging else "best")
+    if len(series) > 1 or overall is not None or diverging:  # below the axes: bars fill the whole height
+        handles = len(series) + (overall is not None)
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=min(handles, 4), frameon=False)
     _save(fig, path)
 
 
