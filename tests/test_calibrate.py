@@ -12,7 +12,6 @@ import textwrap
 
 import numpy as np
 import pytest
-
 from conftest import run_cli
 
 SCALED = textwrap.dedent(

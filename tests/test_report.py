@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import run_cli
 
 PNG = b"\x89PNG\r\n\x1a\n"

@@ -27,15 +27,23 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
 import kdcache
-from kdcache.analysis.read import (BINS, Reliability, labelled_rows, logit_chunks, open_cache, out_dir, require_dense,
-                                   require_samples, write_atomic)
+from kdcache.analysis.read import (
+    BINS,
+    Reliability,
+    labelled_rows,
+    logit_chunks,
+    open_cache,
+    out_dir,
+    require_dense,
+    require_samples,
+    write_atomic,
+)
 from kdcache.errors import DataError
 
 T_MIN, T_MAX = 0.01, 100.0  # the fit's range of temperatures

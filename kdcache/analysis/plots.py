@@ -8,8 +8,8 @@ to ``ALL_TICKS`` classes and thinned beyond; values written in cells only where 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 

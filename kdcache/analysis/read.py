@@ -18,9 +18,9 @@ the binning of Guo et al. (2017), "On Calibration of Modern Neural Networks". EC
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 

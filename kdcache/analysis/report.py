@@ -35,8 +35,15 @@ import numpy as np
 import kdcache
 from kdcache.analysis import plots
 from kdcache.analysis.calibrate import Calibration, LabelledLogits, fit_temperature
-from kdcache.analysis.read import (BINS, labelled_rows, open_cache, out_dir, require_samples, require_table,
-                                   write_atomic)
+from kdcache.analysis.read import (
+    BINS,
+    labelled_rows,
+    open_cache,
+    out_dir,
+    require_samples,
+    require_table,
+    write_atomic,
+)
 from kdcache.analysis.rows import RowStats
 from kdcache.analysis.runs import Run, grid, group_means, load_runs, per_class_accuracy
 from kdcache.errors import ConfigError, DataError
@@ -84,10 +91,10 @@ def report(cache_url: str, out: str, eval_cache: str | None = None, runs: list[s
     run_list = load_runs(list(runs or []))
     folder = out_dir(out)  # every input checked: now --out may be created
     page = Page(folder)
-    steps = cache.num_chunks + len(run_list)  # (+ the held-out cache's chunks for each pass of the fit)
+    steps = cache.num_chunks + len(run_list)  # the per-row table's parts, then a student evaluation per run
     with progress_bar("steps", progress) as bar:
         task = bar.add_task("report: per-row table", total=steps)
-        advance = lambda: bar.advance(task)  # noqa: E731
+        advance = lambda: bar.advance(task)
         stats = RowStats.of(cache, top, on_part=advance)
         _header(page, cache, stats)
         _teacher(page, stats, cache_url)
@@ -234,12 +241,12 @@ def _runs(page: Page, runs: list[Run], cache, advance) -> None:
     for r in runs:
         theirs = r.summary.get("fingerprints") or {}
         same = all(theirs.get(k) == v for k, v in fps.items()) if theirs else None
-        rows.append([r.name, r.summary.get("mode", ""), "—" if r.labels_only else f"{r.temperature:g}", f"{r.alpha:g}", r.config.get("seed", ""),
-                     r.summary.get("epochs", ""), _fmt(r.eval_accuracy),
-                     _fmt(per_class.overall.get(r.name)),
+        temperature = "—" if r.labels_only else f"{r.temperature:g}"  # α = 0: T plays no part
+        rows.append([r.name, r.summary.get("mode", ""), temperature, f"{r.alpha:g}", r.config.get("seed", ""),
+                     r.summary.get("epochs", ""), _fmt(r.eval_accuracy), _fmt(per_class.overall.get(r.name)),
                      "yes" if same else ("no" if same is False else "—")])
-    parts = [_table(["run", "mode", "T", "α", "seed", "epochs", "eval accuracy", "recomputed", "this cache's teacher "
-                     "and data"], rows)]
+    header = ["run", "mode", "T", "α", "seed", "epochs", "eval accuracy", "recomputed", "this cache's teacher and data"]
+    parts = [_table(header, rows)]
     page.numbers["runs"] = [{"name": r.name, "path": str(r.path), "temperature": r.temperature, "alpha": r.alpha,
                              "seed": r.config.get("seed"), "eval_accuracy": r.eval_accuracy,
                              "recomputed_eval_accuracy": per_class.overall.get(r.name),

@@ -81,7 +81,7 @@ class RowStats:
         self._disagreements = {k: v[order] for k, v in merged.items()}
 
     @classmethod
-    def of(cls, cache, top: int = 20, on_part=None) -> "RowStats":
+    def of(cls, cache, top: int = 20, on_part=None) -> RowStats:
         stats = cls(cache.manifest.classes or 0, top)
         for part in table_parts(cache, COLUMNS):
             stats.add(part)
