@@ -396,6 +396,65 @@ def layers(
               "flatten)", highlight=False)
 
 
+@app.command()
+@friendly
+def calibrate(
+    ctx: typer.Context,
+    cache: Optional[str] = typer.Option(None, help="A cache of held-out labelled data dumped with --logits full "
+                                        "(every logit: top-k and sampled caches are refused)."),
+    out_: Optional[str] = typer.Option(None, "--out", help="Directory for calibration.json (written last) and "
+                                       "reliability.png (before and after, side by side)."),
+    quiet: bool = QuietOpt,
+    config: Optional[Path] = ConfigOpt,
+):
+    """Fit temperature scaling on held-out data: one T > 0 minimizing the NLL of softmax(logits / T).
+
+    Writes calibration.json (temperature, ece_before/after, nll_before/after, rows, the cache and its
+    fingerprints) and reliability.png. ECE uses 15 equal-width confidence bins. Only labelled rows
+    (label >= 0) count; a cache with none is refused."""
+    from kdcache.analysis.calibrate import calibrate as run_calibrate
+
+    p = _params(ctx, config, "cache", "out")
+    result = run_calibrate(p["cache"], p["out"], progress=not p["quiet"])
+    bound = " (at the search's bound)" if result.at_bound else ""
+    err.print(f"T = {result.temperature:.4f}{bound} over {result.rows:,} labelled rows: ECE {result.ece_before:.4f} → "
+              f"{result.ece_after:.4f}, NLL {result.nll_before:.4f} → {result.nll_after:.4f} → "
+              f"{escape(str(Path(p['out']) / 'calibration.json'))}", highlight=False)
+
+
+@app.command()
+@friendly
+def report(
+    ctx: typer.Context,
+    cache: Optional[str] = typer.Option(None, help="The cache to describe (its teacher on the student's data)."),
+    eval_cache: Optional[str] = typer.Option(None, help="A cache of held-out labelled data from the same teacher: "
+                                             "held-out accuracy and ECE, and temperature scaling fitted on it "
+                                             "(needs --logits full)."),
+    runs: Optional[List[str]] = typer.Option(None, "--runs", metavar="DIR", help="A finished `kdcache train` run "
+                                             "directory (repeatable): the runs table, learning curves, the T x alpha "
+                                             "grid, per-class accuracy against the alpha = 0 runs (each run's "
+                                             "student is rebuilt from its --student spec and evaluated on its "
+                                             "--eval-data: run the report where the runs were trained)."),
+    out_: Optional[str] = typer.Option(None, "--out", help="Directory for index.html (written last), its PNG "
+                                       "figures beside it and report.json."),
+    top: int = typer.Option(20, help="Rows in the table of the teacher's most confident disagreements with the "
+                            "labels."),
+    quiet: bool = QuietOpt,
+    config: Optional[Path] = ConfigOpt,
+):
+    """Write an HTML report on a cache: teacher accuracy, calibration, confidence, per-class errors, runs.
+
+    One self-contained index.html (inline CSS, no scripts, nothing fetched) with PNG figures beside
+    it; reads the cache's per-row table a part at a time, and logits only to fit --eval-cache's
+    temperature."""
+    from kdcache.analysis.report import report as run_report
+
+    p = _params(ctx, config, "cache", "out")
+    page = run_report(p["cache"], p["out"], eval_cache=p.get("eval_cache"), runs=p.get("runs"), top=p["top"],
+                      progress=not p["quiet"])
+    err.print(f"wrote {escape(str(page))}", highlight=False)
+
+
 def main() -> None:
     app()
 
