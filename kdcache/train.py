@@ -195,7 +195,10 @@ def _open_cache(cfg: TrainConfig):
     from kdcache.store.catalog import resolve
 
     url = resolve(cfg.cache_root, cfg.cache) if cfg.cache_root else cfg.cache
-    return wait_for_cache(url, cfg.follow_timeout) if cfg.follow else kdcache.open(url)
+    if not cfg.follow:
+        return kdcache.open(url)
+    import torch._dynamo  # noqa: F401 - AdamW imports it (1-2 s): while the dump starts, not after its first commit
+    return wait_for_cache(url, cfg.follow_timeout)
 
 def _refuse_distributed_env() -> None:
     """Refuse WORLD_SIZE (other than 1) or RANK (other than 0) in the environment.
