@@ -11,6 +11,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
+
+from kdcache.cli import app
 
 from kdcache.capture.dump import dump
 from kdcache.config import DumpConfig
@@ -101,9 +104,9 @@ def test_resolve_takes_a_key_or_a_unique_prefix(tmp_path):
 def test_ls_lists_caches_as_a_table_and_as_json(shared, tmp_path):
     root, key = shared
     (root / "junk").mkdir(exist_ok=True)  # a folder that is not a cache is listed, with its status
-    got = subprocess.run(_cli("ls", "--json"), env={**_env(), "KDCACHE_HOME": str(root)}, capture_output=True,
-                         text=True, timeout=120)
-    assert got.returncode == 0, got.stderr
+    runner = CliRunner()
+    got = runner.invoke(app, ["ls", "--json"], env={"KDCACHE_HOME": str(root), "COLUMNS": "200"})
+    assert got.exit_code == 0, got.output
     entries = {e["key"]: e for e in json.loads(got.stdout)}
     e = entries[key]
     assert (e["status"], e["rows"], e["committed_rows"], e["key_matches"]) == ("complete", 1258, 1258, True)
@@ -112,6 +115,8 @@ def test_ls_lists_caches_as_a_table_and_as_json(shared, tmp_path):
     assert entries["junk"]["status"] == "empty"
     table = subprocess.run(_cli("ls", "--cache-root", root), env=_env(), capture_output=True, text=True, timeout=120)
     assert table.returncode == 0 and key in table.stdout and "complete" in table.stdout and "1,258" in table.stdout
+    empty = runner.invoke(app, ["ls"], env={"KDCACHE_HOME": ""})
+    assert empty.exit_code == 2 and "--cache-root is required" in empty.output
 
 
 def test_four_trainings_read_one_cache_at_once_and_leave_it_unchanged(shared, models_file, tmp_path):

@@ -136,13 +136,29 @@ def test_follow_where_no_dump_started_waits_then_fails_clearly(tmp_path, models)
     assert not run.exists()  # nothing written
 
 
-def test_follow_refuses_options_it_cannot_serve(tmp_path, models):
-    got = subprocess.run(_cli("train", "--follow", "--num-workers", 2, "--cache", tmp_path / "c.zarr", "--student",
-                              f"{models}:Recorder", "--data", f"{models}:data", "--out", tmp_path / "run"),
-                         env=_env(), capture_output=True, text=True, timeout=120)
-    assert got.returncode == 2
-    assert "--follow reads the cache in the training process; --num-workers 2 is not supported" in got.stderr
-    assert not (tmp_path / "run").exists()
+def test_follow_refuses_options_it_cannot_serve(tmp_path, models_file):
+    from kdcache.config import TrainConfig
+    from kdcache.errors import ConfigError
+
+    base = dict(student="s.py:m", data="d.py:x", out=str(tmp_path / "run"), cache=str(tmp_path / "c.zarr"), follow=True)
+    with pytest.raises(ConfigError, match="--num-workers 2 is not supported with it: give --num-workers 0"):
+        TrainConfig(**base, num_workers=2)
+    with pytest.raises(ConfigError, match="--online runs the teacher live"):
+        TrainConfig(**base, online=True, teacher="t.py:m")
+    with pytest.raises(ConfigError, match="--follow-timeout must be a number of seconds > 0"):
+        TrainConfig(**base, follow_timeout=0)
+    with pytest.raises(ValueError, match="follow: reads in one process; this dataset is rank 1 of 2"):
+        CacheDataset(_partial_cache(tmp_path, models_file), batch_size=4, rank=1, world=2, follow=5)
+
+
+def _partial_cache(tmp_path: Path, models_file: Path):
+    from kdcache.store.reader import Cache
+
+    out = tmp_path / "p.zarr"
+    with faults.armed("chunk-commit", chunk=0), pytest.raises(faults.Crash):
+        dump(DumpConfig(teacher=f"{models_file}:teacher", data="kdcache.datasets:digits_train", out=str(out),
+                        chunk_rows=256), progress=False)
+    return Cache(str(out), require_complete=False)
 
 
 # --- in process: a dump in a thread, the follow epoch over it --------------------------------------
