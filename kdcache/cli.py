@@ -1,4 +1,4 @@
-"""The ``kdcache`` command line: dump, train, info, verify, layers.
+"""The ``kdcache`` command line: dump, train, info, verify, layers, ls.
 
 ``dump`` and ``train`` take ``--config FILE.toml`` (any flag as a key; flags override the file). Bad input
 prints one line naming the flag, file or row at fault and exits non-zero, without a traceback.
@@ -38,6 +38,8 @@ QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bar.")
 TextColumnOpt = typer.Option("text", help="Text data (--data FILE.parquet|.jsonl|.json, a directory, text:PATH): "
                              "the column holding the text.")
 LabelColumnOpt = typer.Option(None, help="Text data: a column of integer class ids, each item's label.")
+CacheRootHelp = ("A folder or fsspec URL of shared caches, each named by a key of its teacher, data and capture "
+                 "fingerprints (default: $KDCACHE_HOME).")
 MaxLengthOpt = typer.Option(None, help="Text data: truncate to this many tokens (default: the tokenizer's maximum, at "
                             "most 512 and at most the model's positions).")
 
@@ -83,7 +85,7 @@ def _error(message: str) -> None:
 
 
 PATH_FLAGS = {"out_": "--out", "out": "--out", "cache": "--cache", "checkpoint": "--checkpoint",
-              "config": "--config", "path": "PATH"}
+              "config": "--config", "path": "PATH", "cache_root": "--cache-root"}
 
 
 def _given_paths(kwargs: dict) -> dict[str, str]:
@@ -131,6 +133,10 @@ def dump(
     teacher: Optional[str] = typer.Option(None, help="Teacher spec: pkg.module:attr, file.py:attr or torchscript:PATH."),
     data: Optional[str] = typer.Option(None, help="Dataset spec: pkg.module:attr or file.py:attr (map-style dataset or factory)."),
     out_: Optional[str] = typer.Option(None, "--out", help="Cache path (local folder or fsspec URL)."),
+    cache_root: Optional[str] = typer.Option(None, help="Instead of --out: write the cache under this folder or fsspec "
+                                             "URL, named by a key of its teacher, data and capture fingerprints; a "
+                                             "complete one there is reused, a partial one resumed (default without "
+                                             "--out: $KDCACHE_HOME)."),
     checkpoint: Optional[str] = typer.Option(None, help="State dict for the teacher, loaded with weights_only=True."),
     batch_size: int = typer.Option(256, help="Rows per teacher forward."),
     device: str = DeviceOpt,
@@ -173,15 +179,24 @@ def dump(
     """Run the teacher once over the data and write its outputs to a cache."""
     from kdcache.capture.dump import dump as run_dump
     from kdcache.config import DumpConfig
-    p = _params(ctx, config, "teacher", "data", "out")
+    from kdcache.store.catalog import root_from
+
+    p = _params(ctx, config, "teacher", "data")
     quiet, dry_run = p.pop("quiet"), p.pop("dry_run")
     p["features"] = tuple(p.get("features") or ())
+    if not p.get("out"):
+        p["cache_root"] = root_from(p.get("cache_root"))
     cfg = DumpConfig(**p)
     if dry_run:
         _print_projection(cfg)
         return
     result = run_dump(cfg, progress=not quiet)
-    if result.action == "reuse":
+    if result.key is not None:
+        what = {"reuse": "reusing cache {} (complete)", "resume": "resumed cache {}", "new": "wrote cache {}"}
+        done = "" if result.action == "reuse" else f": {result.rows_computed:,} of {result.rows:,} rows computed " \
+            f"in {result.seconds:.1f} s"
+        err.print(what[result.action].format(result.key) + f" at {escape(str(result.path))}{done}", highlight=False)
+    elif result.action == "reuse":
         err.print(f"{escape(str(result.path))}: a complete cache with the same teacher, data and capture fingerprints "
                   "is already there; reusing it (pass --overwrite to recompute)")
     else:
@@ -214,7 +229,17 @@ def _print_projection(cfg) -> None:
 @friendly
 def train(
     ctx: typer.Context,
-    cache: Optional[str] = typer.Option(None, help="Cache made by `kdcache dump`."),
+    cache: Optional[str] = typer.Option(None, help="Cache made by `kdcache dump`: a path, or with --cache-root a key "
+                                        "(or a unique start of one; `kdcache ls` lists them)."),
+    cache_root: Optional[str] = typer.Option(None, help="The folder or fsspec URL of shared caches that --cache KEY "
+                                             "names one of (see `kdcache dump --cache-root`)."),
+    follow: bool = typer.Option(False, "--follow", help="Train while `kdcache dump` is still writing --cache: start on "
+                                "its committed chunks and take each new one as it is committed. The first epoch "
+                                "sees every row once, in commit order, shuffled among the committed rows within "
+                                "--shuffle-buffer; later epochs shuffle as usual. Not with --num-workers > 0 or "
+                                "--online."),
+    follow_timeout: float = typer.Option(60.0, help="With --follow: seconds to wait for the cache to appear, and "
+                                         "then for each new commit, before stopping with an error."),
     student: Optional[str] = typer.Option(None, help="Student spec: pkg.module:attr, file.py:attr or torchscript:PATH."),
     data: Optional[str] = typer.Option(None, help="The dataset the cache was dumped from (inputs are joined by index); "
                                        "not needed for a token cache dumped with --store-inputs."),
@@ -276,6 +301,8 @@ def train(
 
     p = _params(ctx, config, "student", "out")
     quiet, overwrite = p.pop("quiet"), p.pop("overwrite")
+    if p.get("cache_root") is None and os.environ.get("KDCACHE_HOME") and _looks_like_key(p.get("cache")):
+        p["cache_root"] = os.environ["KDCACHE_HOME"]  # --cache KEY with $KDCACHE_HOME: a key there
     cfg = TrainConfig(**p)
     summary = run_train(cfg, progress=not quiet, overwrite=overwrite)
     final = summary["final"]
@@ -283,6 +310,54 @@ def train(
     if summary.get("eval_accuracy") is not None:
         line += f", eval_accuracy {summary['eval_accuracy']:.4f}"
     err.print(line + f" → {escape(str(p['out']))}")
+
+
+def _looks_like_key(value: Optional[str]) -> bool:
+    """A hex key (or prefix) that is not a path that exists."""
+    return bool(value) and all(c in "0123456789abcdef" for c in value) and not os.path.exists(value)
+
+
+@app.command()
+@friendly
+def ls(
+    ctx: typer.Context,
+    cache_root: Optional[str] = typer.Option(None, help=CacheRootHelp),
+    as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON (a list, one object per cache)."),
+    config: Optional[Path] = ConfigOpt,
+):
+    """List the caches under a cache root: key, teacher, data, capture, rows, size, created, status."""
+    from kdcache.errors import ConfigError
+    from kdcache.store.catalog import ENV, capture_text, listing, root_from
+
+    p = merged_params(ctx, config)
+    root = root_from(p.get("cache_root"))
+    if root is None:
+        raise ConfigError(f"--cache-root is required (give it as a flag or in --config, or set {ENV})")
+    entries = listing(root)
+    if p.get("as_json"):
+        print(json.dumps(entries, indent=2))
+        return
+    table = Table(Column("key", no_wrap=True), Column("teacher", overflow="fold"), Column("data", overflow="fold"),
+                  Column("capture", overflow="fold"), "rows", "size", "created", "status", title=escape(root))
+    for e in entries:
+        if "teacher" not in e:
+            table.add_row(escape(e["key"]), "", "", "", "", "", "", escape(e["status"]))
+            continue
+        rows = f"{e['rows']:,}" if e["committed_rows"] == e["rows"] else f"{e['committed_rows']:,}/{e['rows']:,}"
+        key = e["key"] + ("" if e["key_matches"] else " (key differs)")
+        table.add_row(escape(key), escape(f"{e['teacher']} {e['teacher_digest'][:8]}"),
+                      escape(f"{e['data']} {e['data_fingerprint'][:8]}"), escape(capture_text(e["capture"])), rows,
+                      _size(e["bytes"]), escape(e["created"] or ""), escape(e["status"]))
+    out.print(table)
+    out.print(f"{len(entries)} cache(s)", highlight=False)
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
+        n /= 1024
+    return str(n)
 
 
 @app.command()

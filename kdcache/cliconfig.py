@@ -21,7 +21,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-COMMANDS = ("dump", "train", "info", "verify", "calibrate", "report")
+COMMANDS = ("dump", "train", "info", "verify", "ls", "calibrate", "report")
 
 
 def merged_params(ctx: Any, config: Path | None) -> dict[str, Any]:

@@ -46,7 +46,7 @@ def _text_settings(cfg: Any) -> None:
 class DumpConfig:
     teacher: str
     data: str
-    out: str
+    out: str | None  # None: named by its fingerprints under cache_root (kdcache.store.catalog)
     checkpoint: str | None = None
     batch_size: int = 256
     device: str = "auto"
@@ -68,9 +68,13 @@ class DumpConfig:
     text_column: str = "text"
     label_column: str | None = None
     max_length: int | None = None
+    cache_root: str | None = None  # instead of out: a folder or URL of caches named by their fingerprints
 
     def __post_init__(self) -> None:
         _text_settings(self)
+        if (self.out is None) == (self.cache_root is None):
+            raise ConfigError("give --out PATH or --cache-root DIR|URL (or set KDCACHE_HOME), not both" if self.out
+                              else "--out PATH or --cache-root DIR|URL is required (or set KDCACHE_HOME)")
         from kdcache.features import parse_features
 
         if isinstance(self.features, str):  # one layer, as a TOML string
@@ -180,6 +184,9 @@ class TrainConfig:
     rkd_angle: float = 0.0  # weight of RKD's angle term
     rkd_feature: str | None = None  # the cached embedding RKD compares; None: the only per-sample feature
     rkd_student_layer: str | None = None  # the student's; None: the one --feature-map pairs with --rkd-feature
+    cache_root: str | None = None  # --cache is a key (or a unique prefix of one) of a cache under this root
+    follow: bool = False  # train while the dump writes the cache (kdcache.loader.follow)
+    follow_timeout: float = 60.0  # seconds to wait for the cache to appear, and for each new commit
 
     def __post_init__(self) -> None:
         _text_settings(self)
@@ -234,6 +241,20 @@ class TrainConfig:
             raise ConfigError("--online needs --teacher SPEC (the teacher to run live)")
         if not self.online and not self.cache:
             raise ConfigError("--cache PATH is required (or --online --teacher SPEC to run the teacher live)")
+        self._check_follow()
+
+    def _check_follow(self) -> None:
+        """--follow reads a cache as its dump commits it, in one process: say which options it cannot serve."""
+        if not (_finite(self.follow_timeout) and self.follow_timeout > 0):
+            raise ConfigError(f"--follow-timeout must be a number of seconds > 0, got {self.follow_timeout!r}")
+        if not self.follow:
+            return
+        if self.online:
+            raise ConfigError("--follow trains from a cache while it is dumped; --online runs the teacher live "
+                              "instead: leave out one of them")
+        if self.num_workers:
+            raise ConfigError(f"--follow reads the cache in the training process; --num-workers {self.num_workers} is "
+                              "not supported with it: give --num-workers 0")
 
     def feature_maps(self) -> list[FeatureMap]:
         """--feature-map, parsed."""

@@ -61,7 +61,7 @@ def train(cfg: TrainConfig, progress: bool = True, overwrite: bool = False) -> d
     data = _load_data(cfg.data, "--data", text) if cfg.data else None
     eval_data = _load_data(cfg.eval_data, "--eval-data", text) if cfg.eval_data else None
 
-    cache = kdcache.open(cfg.cache) if cfg.cache else None
+    cache = _open_cache(cfg) if cfg.cache else None
     if data is None and (cache is None or "inputs/input_ids" not in cache.arrays):
         why = "the cache holds no inputs (dump it with --store-inputs)" if cache is not None else "a run reads its inputs"
         raise ConfigError(f"--data is required (give it as a flag or in --config): {why}")
@@ -80,7 +80,8 @@ def train(cfg: TrainConfig, progress: bool = True, overwrite: bool = False) -> d
     source = cache if cache is not None else DatasetRows(len(data))
     dataset = CacheDataset(source, data, batch_size=cfg.batch_size, seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer,
                            drop_last=cfg.drop_last, rank=0, world=1,  # one process (_refuse_distributed_env)
-                           targets=objective.arrays(cache), topk_mode=cfg.topk_mode)
+                           targets=objective.arrays(cache), topk_mode=cfg.topk_mode,
+                           follow=cfg.follow_timeout if cfg.follow else None)
     loader = make_loader(dataset, num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
     _check_batches(dataset, cfg)
     classes = _check_student(student, teacher, dataset, cfg, device, objective)  # builds the projectors
@@ -187,6 +188,18 @@ def _json_safe(record: dict[str, Any]) -> dict[str, Any]:
 
 
 # --- checks, before anything is written ------------------------------------------------------
+def _open_cache(cfg: TrainConfig):
+    """--cache: a path, or a key under --cache-root (kdcache.store.catalog); with --follow, waited
+    for while its dump starts, and opened before it is complete (kdcache.loader.follow)."""
+    from kdcache.loader.follow import wait_for_cache
+    from kdcache.store.catalog import resolve
+
+    url = resolve(cfg.cache_root, cfg.cache) if cfg.cache_root else cfg.cache
+    if not cfg.follow:
+        return kdcache.open(url)
+    import torch._dynamo  # noqa: F401 - AdamW imports it (1-2 s): while the dump starts, not after its first commit
+    return wait_for_cache(url, cfg.follow_timeout)
+
 def _refuse_distributed_env() -> None:
     """Refuse WORLD_SIZE (other than 1) or RANK (other than 0) in the environment.
 
@@ -244,7 +257,7 @@ def _check_student(student: torch.nn.Module, teacher: torch.nn.Module | None, da
     built here, draw their initial weights after the student's).
     """
     plan = dataset.plan(0)
-    batch = dataset.batch(plan.batch(0))
+    batch = dataset.first_batch()  # a followed cache still being written: its first committed rows
     shape = batch["label"].shape  # (B,) or tokens (B, L)
     x = to_device(batch["input"], device)
     student.eval()

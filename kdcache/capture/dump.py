@@ -44,7 +44,8 @@ from kdcache.sources import freeze, load_dataset, load_module
 from kdcache.sources.text import TextOptions
 from kdcache.sources.tokens import is_token_item, lengths as token_lengths, pad, tokens
 from kdcache.store.reader import location, survey
-from kdcache.store.schema import ArraySpec, CaptureSpec, DataInfo, Manifest, RowOrder, TeacherInfo
+from kdcache.store import catalog
+from kdcache.store.schema import ArraySpec, CaptureSpec, DataInfo, Manifest, RowOrder, TeacherInfo, capture_fingerprint
 from kdcache.store.writer import Writer
 
 PREFETCH_BATCHES = 4
@@ -61,6 +62,7 @@ class DumpResult:
     rows_computed: int
     seconds: float
     manifest: Manifest
+    key: str | None = None  # --cache-root: the cache's key (kdcache.store.catalog)
 
 
 def default_chunk_rows(row_bytes: int, rows: int, target: int = CHUNK_TARGET_BYTES) -> int:
@@ -72,10 +74,17 @@ def default_chunk_rows(row_bytes: int, rows: int, target: int = CHUNK_TARGET_BYT
 
 def dump(cfg: DumpConfig, progress: bool = True) -> DumpResult:
     t0 = time.perf_counter()
+    if cfg.out is None:
+        catalog.check_writable(cfg.cache_root)  # before anything runs
     device, teacher, dataset, kinds, order, existing = _open(cfg)
     check = cfg.data_check or (existing.data.check if existing is not None else "sampled")
     fp = teacher_fingerprint(teacher, cfg.checkpoint)
     data_fp = _data_fingerprint(dataset, check, progress)
+    key = None
+    if cfg.out is None:  # named by its fingerprints, all known before the teacher runs over the data
+        key = catalog.cache_key(fp.digest, data_fp, capture_fingerprint(_captures(cfg, kinds)))
+        cfg = replace(cfg, out=catalog.join(cfg.cache_root, key), cache_root=None)
+        existing = _existing(cfg.out)
     teacher = teacher.to(device)
     with FeatureTap(teacher, [name for k in kinds for name in k.layers()]) as tap:
         # Probe the first item: its output sets the layout, the arrays and the chunk size before anything is written.
@@ -88,13 +97,13 @@ def dump(cfg: DumpConfig, progress: bool = True) -> DumpResult:
             teacher=TeacherInfo(spec=cfg.teacher, checkpoint=cfg.checkpoint, digest=fp.digest, weights=fp.weights,
                                 code=fp.code),
             data=DataInfo(spec=cfg.data, length=len(dataset), fingerprint=data_fp, check=check),
-            capture=tuple(k.spec() for k in kinds) + (_inputs_spec(),) * cfg.store_inputs,
+            capture=_captures(cfg, kinds),
             created_with={"kdcache": kdcache.__version__, "torch": torch.__version__, "zarr": _zarr_version()},
         )
 
         writer = Writer.begin(cfg.out, manifest, overwrite=cfg.overwrite, resume=cfg.resume)
         if writer is None:
-            return DumpResult("reuse", cfg.out, layout.rows, 0, time.perf_counter() - t0, existing)
+            return DumpResult("reuse", cfg.out, layout.rows, 0, time.perf_counter() - t0, existing, key)
         action = "new" if writer.created or cfg.overwrite else "resume"
         todo = 0
         try:
@@ -111,7 +120,7 @@ def dump(cfg: DumpConfig, progress: bool = True) -> DumpResult:
             manifest = writer.finalize()
         except BaseException as e:
             raise _kept(e, writer.abandon(), layout.rows, cfg.out) from None
-    return DumpResult(action, cfg.out, layout.rows, todo, time.perf_counter() - t0, manifest)
+    return DumpResult(action, cfg.out, layout.rows, todo, time.perf_counter() - t0, manifest, key)
 
 
 def _open(cfg: DumpConfig):
@@ -124,11 +133,15 @@ def _open(cfg: DumpConfig):
         raise DataError(f"--data: {cfg.data!r} is empty; nothing to dump")
     kinds = cfg.captures()
     order = RowOrder(shuffle=cfg.order == "shuffled", seed=cfg.order_seed)
+    existing = _existing(cfg.out) if cfg.out is not None else None  # --cache-root: known later (dump())
+    return device, teacher, dataset, kinds, order, existing
+
+
+def _existing(out: str) -> Manifest | None:
     try:
-        existing = survey(location(cfg.out)).manifest
+        return survey(location(out)).manifest
     except StoreError as e:  # a URL whose fsspec backend is not installed, say
         raise StoreError(f"--out {e}") from None
-    return device, teacher, dataset, kinds, order, existing
 
 
 def _probe(cfg: DumpConfig, dataset, order: RowOrder, kinds: list[Capture], tap: FeatureTap, device,
@@ -220,8 +233,13 @@ def project(cfg: DumpConfig) -> Projection:
                       "compressor": a.compressor, "bytes_per_entry": a.row_bytes, "chunk_entries": per,
                       "chunks": chunks, "bytes": stored, "bytes_per_row": stored / layout.rows,
                       "bytes_per_sequence": stored / layout.sequences if layout.sequences else None})
-    return Projection(cfg.out, layout.rows, layout.sequences, manifest.chunk_rows, manifest.num_chunks, found,
+    return Projection(cfg.out or cfg.cache_root, layout.rows, layout.sequences, manifest.chunk_rows, manifest.num_chunks, found,
                       sum(a["bytes"] for a in found))
+
+
+def _captures(cfg: DumpConfig, kinds: list[Capture]) -> tuple[CaptureSpec, ...]:
+    """What the cache's targets are: each kind's spec, and --store-inputs."""
+    return tuple(k.spec() for k in kinds) + (_inputs_spec(),) * cfg.store_inputs
 
 
 def _inputs_spec() -> CaptureSpec:

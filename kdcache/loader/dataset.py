@@ -30,7 +30,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 import kdcache
-from kdcache.errors import FingerprintMismatchError
+from kdcache.errors import FingerprintMismatchError, StoreError
 from kdcache.fingerprint import data_fingerprint
 from kdcache.loader.order import BLOCK, WINDOW, EpochPlan, _int
 from kdcache.loader.targets import TOPK_MODES, make_targets, needs_dense, response_kind
@@ -114,6 +114,11 @@ class CacheDataset(IterableDataset):
         targets: cached arrays to yield, as tensors of their logical dtype. ``None``: every array
             of a cache but ``index``, ``label`` and stored inputs (features included).
         check_data: refuse ``data`` whose fingerprint differs from the cache's.
+        follow: a cache still being written is followed (:mod:`kdcache.loader.follow`): an epoch
+            that starts before every chunk is committed draws units as their chunks commit, each
+            once, waiting up to ``follow`` seconds for each new commit. ``None``: a partial cache
+            yields the rows of the chunks committed when the dataset was made. One process, no
+            DataLoader workers.
 
     Each batch is a dict: ``"row"`` int64 [B] (storage rows, ascending), ``"index"`` int64 [B]
     (dataset items), ``"label"`` int64 [B] (-1: none), one entry per target, and ``"input"`` (the
@@ -126,7 +131,8 @@ class CacheDataset(IterableDataset):
     def __init__(self, source: Cache | DatasetRows | str | os.PathLike, data: Any = None, *, batch_size: int,
                  seed: int = 0, shuffle: bool = True, shuffle_buffer: int = WINDOW, shuffle_block: int = BLOCK,
                  drop_last: bool = False, rank: int | None = None, world: int | None = None,
-                 targets: tuple[str, ...] | None = None, check_data: bool = True, topk_mode: str = "tail") -> None:
+                 targets: tuple[str, ...] | None = None, check_data: bool = True, topk_mode: str = "tail",
+                 follow: float | None = None) -> None:
         if isinstance(source, (str, os.PathLike)):
             source = kdcache.open(source)
         if not isinstance(source, (Cache, DatasetRows)):
@@ -168,6 +174,10 @@ class CacheDataset(IterableDataset):
         self.data = data
         if data is not None:
             self._check_data(data, check_data)
+        if follow is not None:
+            self._check_follow(follow)
+        self.follow = None if follow is None else float(follow)
+        self._settled = not isinstance(source, Cache) or source.complete  # every chunk committed
         self.tokens = isinstance(source, Cache) and source.manifest.sequences is not None
         if self.tokens:  # a unit is a sequence: its rows are its tokens
             self._offsets = source.sequence_array("offsets")
@@ -178,11 +188,12 @@ class CacheDataset(IterableDataset):
             self._pooled = [t for t in self.targets if source.arrays[t].axis == "sequence"]  # one entry a sequence
             self._names = [t for t in self.targets if t not in self._pooled] + (
                 ["inputs/input_ids"] if self._stored_inputs and data is None else [])
-            self._rows = _committed_sequences(source, self._offsets, self._pooled)  # unit -> sequence; None: all
+            # unit -> sequence; None: all (followed: units are every sequence, read once committed)
+            self._rows = None if self.follow is not None else _committed_sequences(source, self._offsets, self._pooled)
             self.units = len(self._rows) if self._rows is not None else len(self._items)
         else:
             self._names = ["index", *self.targets] + (["label"] if data is None and "label" in source.arrays else [])
-            self._rows = _committed_rows(source)  # unit -> storage row; None: every row
+            self._rows = None if self.follow is not None else _committed_rows(source)  # unit -> row; None: all
             self.units = len(self._rows) if self._rows is not None else len(source)
         # In shared memory, so persistent workers see set_epoch / load_state_dict: the epoch, the
         # batches delivered, and the batch the current iteration started at (workers start late,
@@ -265,6 +276,11 @@ class CacheDataset(IterableDataset):
         if info is None:
             self._begin()
         self.source.check_generation()  # an overwritten cache stops here, at the epoch's start
+        if self.follow is not None and not self.settled():
+            if info is not None:
+                raise RuntimeError("CacheDataset(follow=...) reads in the main process only: use num_workers=0")
+            yield from self._follow_epoch()
+            return
         plan = self.plan()
         ahead = -1  # the last window whose rows were announced to the kernel
         for b in range(int(self._state[2]) + worker, plan.num_batches, workers):
@@ -277,6 +293,62 @@ class CacheDataset(IterableDataset):
             if info is None:  # in the main process: count what is delivered (else the loader does)
                 self._state[1] = b + 1
             yield batch
+
+    # --- following a cache being written (kdcache.loader.follow) ----------------------------------
+    def _check_follow(self, follow: float) -> None:
+        if not isinstance(self.source, Cache):
+            raise ValueError(f"follow: needs a cache to follow, got {self.source!r}")
+        if not (isinstance(follow, (int, float)) and not isinstance(follow, bool) and follow > 0):
+            raise ValueError(f"follow: expected a number of seconds > 0, got {follow!r} instead")
+        if self.world != 1:
+            raise ValueError(f"follow: reads in one process; this dataset is rank {self.rank} of {self.world}")
+
+    def settled(self) -> bool:
+        """Whether every chunk of the source is committed (then it stays so: commits are never undone
+        but by an overwrite, which the generation check catches)."""
+        if not self._settled:
+            self._settled = len(self.source.committed_chunks()) >= self.source.num_chunks
+        return self._settled
+
+    def _committed_units(self) -> np.ndarray:
+        """The units whose chunks are all committed now (sorted)."""
+        if self.settled():
+            return np.arange(self.units, dtype=np.int64)
+        if self.tokens:
+            return _committed_sequences(self.source, self._offsets, self._pooled, force=True)
+        return _committed_rows(self.source, force=True)
+
+    def _follow_epoch(self) -> Iterator[dict[str, Any]]:
+        """A follow epoch: units as their chunks commit, each once (kdcache.loader.follow)."""
+        from kdcache.loader.follow import FollowEpoch, dump_state, follow_batches
+
+        plan = FollowEpoch(self.units, self.batch_size, self.seed, self.epoch, self.shuffle_buffer, self.drop_last)
+        arrived = np.zeros(self.units, dtype=bool)
+
+        def arrive() -> np.ndarray:
+            now = self._committed_units()
+            new = now[~arrived[now]]
+            arrived[new] = True
+            return new
+
+        def where() -> str:
+            done = sum(b - a for a, b in map(self.source.chunk_bounds, self.source.committed_chunks()))
+            return f"cache {self.source.url!r} has {done:,} of {self.source.rows:,} rows committed, {dump_state(self.source)}"
+
+        for b, units in follow_batches(plan, int(self._state[2]), arrive, self.settled, self.follow, where):
+            batch = self.batch(units)
+            self._state[1] = b + 1
+            yield batch
+
+    def first_batch(self) -> dict[str, Any]:
+        """The epoch's first batch as a normal epoch draws it; while a followed cache is still
+        being written, a batch of its first committed units instead (for checks before training)."""
+        if self.follow is None or self.settled():
+            return self.batch(self.plan(0).batch(0))
+        units = self._committed_units()[: self.batch_size]
+        if not len(units):
+            raise StoreError(f"cache {self.source.url!r}: no row is committed yet")
+        return self.batch(units)
 
     # --- reading ----------------------------------------------------------------------------------
     def _storage_rows(self, units: np.ndarray) -> np.ndarray:
@@ -375,10 +447,11 @@ def _padded(rows: torch.Tensor, place: torch.Tensor, batch: int, longest: int, f
     return out.view(batch, longest, *rows.shape[1:])
 
 
-def _committed_sequences(source: Cache, offsets: np.ndarray, pooled: list[str] = ()) -> np.ndarray | None:
+def _committed_sequences(source: Cache, offsets: np.ndarray, pooled: list[str] = (),
+                         force: bool = False) -> np.ndarray | None:
     """The sequences whose tokens, and entries of the per-sequence arrays ``pooled``, are all
-    committed, for a cache still being written (None: all)."""
-    if source.complete:
+    committed, for a cache still being written (None: all, unless ``force``)."""
+    if source.complete and not force:
         return None
     committed = np.zeros(source.num_chunks + 1, dtype=bool)
     committed[source.committed_chunks()] = True
@@ -393,9 +466,10 @@ def _committed_sequences(source: Cache, offsets: np.ndarray, pooled: list[str] =
     return np.flatnonzero(whole)
 
 
-def _committed_rows(source: Cache | DatasetRows) -> np.ndarray | None:
-    """The storage rows of committed chunks, for a cache still being written (None: all rows)."""
-    if isinstance(source, DatasetRows) or source.complete:
+def _committed_rows(source: Cache | DatasetRows, force: bool = False) -> np.ndarray | None:
+    """The storage rows of committed chunks, for a cache still being written (None: all rows,
+    unless ``force``)."""
+    if isinstance(source, DatasetRows) or (source.complete and not force):
         return None
     ranges = [np.arange(*source.chunk_bounds(c), dtype=np.int64) for c in source.committed_chunks()]
     return np.concatenate(ranges) if ranges else np.zeros(0, dtype=np.int64)
