@@ -214,7 +214,9 @@ def _print_projection(cfg) -> None:
 @friendly
 def train(
     ctx: typer.Context,
-    cache: Optional[str] = typer.Option(None, help="Cache made by `kdcache dump`."),
+    cache: Optional[List[str]] = typer.Option(
+        None, "--cache", help="Cache made by `kdcache dump`. Repeat it for several teachers (dense caches of the same "
+        "data, joined by dataset index; their targets combined by --combine); the first drives the order."),
     student: Optional[str] = typer.Option(None, help="Student spec: pkg.module:attr, file.py:attr or torchscript:PATH."),
     data: Optional[str] = typer.Option(None, help="The dataset the cache was dumped from (inputs are joined by index); "
                                        "not needed for a token cache dumped with --store-inputs."),
@@ -264,6 +266,27 @@ def train(
     rkd_student_layer: Optional[str] = typer.Option(None, help="The student's layer RKD compares with --rkd-feature "
                                                     "(pooled as it was); default: the one --feature-map pairs with "
                                                     "it."),
+    teacher_calibration: Optional[List[str]] = typer.Option(
+        None, "--teacher-calibration", help="FILE (a calibration.json of `kdcache calibrate`, key temperature) or a "
+        "number τ: the cached teacher logits are divided by τ before the KD temperature. Dense caches only; one per "
+        "--cache, in the same order."),
+    combine: str = typer.Option("avg-probs", help="Several --cache: avg-probs (mean of the teachers' softened "
+                                "probabilities), avg-logits (mean of their logits), weighted:W1,W2,... (weighted mean "
+                                "of probabilities; or `weighted` with --weights-from), gated (per row, one teacher: "
+                                "the most confident, or with --weights-from the most precise for its own prediction)."),
+    weights_from: Optional[str] = typer.Option(
+        None, help="EVAL_A,EVAL_B: caches of a labelled eval set dumped by the same teachers (--cache order). "
+        "weighted: weights ∝ each teacher's accuracy odds a/(1-a) there; gated: its per-class precision."),
+    class_map: Optional[str] = typer.Option(
+        None, help="Partial KD for a student with classes the teacher never saw: FILE.json {\"student\": teacher} or "
+        "S:T,S:T,... covering every teacher class. KD over the mapped classes only (the student's softmax over them); "
+        "rows labelled with an unmapped class get CE only."),
+    kd_where: Optional[str] = typer.Option(
+        None, help="SQL predicate (DuckDB) over the cache's per-row table (index, label, teacher_top1, teacher_prob, "
+        "entropy, margin), evaluated once: rows where it is false get CE only, e.g. \"teacher_prob > 0.5\"."),
+    disagreement: str = typer.Option("keep", help="Rows whose teacher top-1 differs from their label: keep (as any "
+                                     "row), drop-kd (CE only), drop-row (no loss at all), trust-teacher (train on the "
+                                     "teacher's top-1 as the label)."),
     quiet: bool = QuietOpt,
     config: Optional[Path] = ConfigOpt,
 ):
@@ -276,6 +299,10 @@ def train(
 
     p = _params(ctx, config, "student", "out")
     quiet, overwrite = p.pop("quiet"), p.pop("overwrite")
+    caches = list(p.pop("cache") or [])  # --cache A --cache B: the first drives the order, the rest join it
+    p["cache"], p["extra_caches"] = (caches[0] if caches else None), tuple(caches[1:])
+    p["teacher_calibration"] = tuple(p["teacher_calibration"] or ())
+    p["weights_from"] = tuple(w.strip() for w in (p["weights_from"] or "").split(",") if w.strip())
     cfg = TrainConfig(**p)
     summary = run_train(cfg, progress=not quiet, overwrite=overwrite)
     final = summary["final"]

@@ -180,6 +180,14 @@ class TrainConfig:
     rkd_angle: float = 0.0  # weight of RKD's angle term
     rkd_feature: str | None = None  # the cached embedding RKD compares; None: the only per-sample feature
     rkd_student_layer: str | None = None  # the student's; None: the one --feature-map pairs with --rkd-feature
+    # the distillation toolkit (kdcache.toolkit, docs/toolkit.md)
+    extra_caches: tuple[str, ...] = ()  # more teachers: --cache A --cache B gives cache=A, extra_caches=(B,)
+    teacher_calibration: tuple[str, ...] = ()  # FILE (calibration.json) or a number T, one per cache
+    combine: str = "avg-probs"  # several teachers: avg-logits, avg-probs, weighted[:W,...], gated
+    weights_from: tuple[str, ...] = ()  # caches of a labelled eval set by the same teachers, in --cache order
+    class_map: str | None = None  # FILE.json or "S:T,S:T,...": student class -> teacher class (partial KD)
+    kd_where: str | None = None  # SQL predicate over the per-row table: rows where false get CE only
+    disagreement: str = "keep"  # rows whose teacher top-1 is not their label: keep, drop-kd, drop-row, trust-teacher
 
     def __post_init__(self) -> None:
         _text_settings(self)
@@ -206,6 +214,7 @@ class TrainConfig:
                 raise ConfigError(f"{flag} must be a layer name, got {value!r}")
             if value is not None and not self.rkd:
                 raise ConfigError(f"{flag} {value}: RKD is off; give --rkd-distance W and/or --rkd-angle W (> 0)")
+        _toolkit_settings(self)
         if self.online and (maps or self.rkd):
             raise ConfigError("--feature-map and RKD read the teacher's features from the cache; --online runs the "
                               "teacher live for its logits only: leave out --online")
@@ -246,6 +255,71 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+COMBINE_RULES = ("avg-logits", "avg-probs", "weighted", "gated")
+DISAGREEMENT = ("keep", "drop-kd", "drop-row", "trust-teacher")
+
+
+def parse_combine(text: str, teachers: int) -> tuple[str, tuple[float, ...] | None]:
+    """--combine RULE, or weighted:W1,W2,... with one weight >= 0 per teacher (normalized to sum 1)."""
+    rule, _, rest = str(text).partition(":")
+    if rule not in COMBINE_RULES or (rest and rule != "weighted"):
+        raise ConfigError(f"--combine must be one of avg-logits, avg-probs, weighted:W1,W2,..., weighted (with "
+                          f"--weights-from), gated; got {text!r}")
+    if not rest:
+        return rule, None
+    try:
+        weights = tuple(float(w) for w in rest.split(","))
+    except ValueError:
+        raise ConfigError(f"--combine {text}: expected comma-separated numbers after 'weighted:'") from None
+    if len(weights) != teachers:
+        raise ConfigError(f"--combine {text}: {len(weights)} weight{'s' * (len(weights) != 1)} for {teachers} "
+                          f"teacher{'s' * (teachers != 1)} (--cache given {teachers} time{'s' * (teachers != 1)}); "
+                          "give one weight per --cache, in the same order")
+    if not all(_finite(w) and w >= 0 for w in weights) or sum(weights) <= 0:
+        raise ConfigError(f"--combine {text}: weights must be finite, >= 0 and not all 0")
+    return rule, tuple(w / sum(weights) for w in weights)
+
+
+def _strings(cfg: Any, name: str, flag: str) -> None:
+    """Normalize a repeatable string field to a tuple (one string is a tuple of one)."""
+    value = getattr(cfg, name)
+    value = () if value is None else (value,) if isinstance(value, str) else value
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(f"{flag}: expected strings, got {value!r}")
+    object.__setattr__(cfg, name, tuple(value))
+
+
+def _toolkit_settings(cfg: "TrainConfig") -> None:
+    """The toolkit's flags, checked for what they are on their own (kdcache.toolkit checks them
+    against the caches)."""
+    _strings(cfg, "extra_caches", "--cache")
+    _strings(cfg, "teacher_calibration", "--teacher-calibration")
+    _strings(cfg, "weights_from", "--weights-from")
+    teachers = 1 + len(cfg.extra_caches)
+    rule, weights = parse_combine(cfg.combine, teachers)
+    if cfg.weights_from and rule not in ("weighted", "gated"):
+        raise ConfigError(f"--weights-from sets the weights of --combine weighted or the gate of --combine gated; "
+                          f"--combine is {cfg.combine}")
+    if rule == "weighted" and (weights is None) == (not cfg.weights_from):
+        raise ConfigError("--combine weighted: give the weights (weighted:0.7,0.3) or --weights-from EVAL_A,EVAL_B, "
+                          "not both" if weights is not None else
+                          "--combine weighted: give the weights (weighted:0.7,0.3) or --weights-from EVAL_A,EVAL_B")
+    if cfg.weights_from and len(cfg.weights_from) != teachers:
+        raise ConfigError(f"--weights-from: {len(cfg.weights_from)} eval cache(s) for {teachers} --cache(s); give "
+                          "one per --cache, in the same order")
+    if len(cfg.teacher_calibration) not in (0, teachers):
+        raise ConfigError(f"--teacher-calibration: {len(cfg.teacher_calibration)} value(s) for {teachers} --cache(s); "
+                          "give one per --cache, in the same order")
+    _choice("--disagreement", cfg.disagreement, DISAGREEMENT)
+    for flag, value in (("--class-map", cfg.class_map), ("--kd-where", cfg.kd_where)):
+        if value is not None and not (isinstance(value, str) and value.strip()):
+            raise ConfigError(f"{flag}: expected a non-empty string, got {value!r}")
+    if cfg.online and (cfg.extra_caches or cfg.teacher_calibration or cfg.class_map or cfg.kd_where
+                       or cfg.disagreement != "keep"):
+        raise ConfigError("--online runs the teacher live; --cache (several), --teacher-calibration, --class-map, "
+                          "--kd-where and --disagreement work on caches: leave out --online")
 
 
 def pick_device(device: str):
