@@ -160,6 +160,9 @@ def dump(
                                                  "conv map), cls (position 0) or flatten. With --logits none the "
                                                  "teacher needs no logits."),
     features_dtype: str = typer.Option("float16", help="How --features are stored: float16, bfloat16 or float32."),
+    label_classes: Optional[int] = typer.Option(None, help="The data's labels are classes 0..N-1, more than the "
+                                                "teacher's outputs (a student with classes the teacher never saw: "
+                                                "train it with --class-map). Default: the teacher's classes."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Probe one item, print the projected store size and chunk "
                                  "layout, and exit without writing anything."),
     tokenizer: Optional[str] = typer.Option(None, help="Text data: the tokenizer's directory (default: the "

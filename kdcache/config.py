@@ -68,9 +68,12 @@ class DumpConfig:
     text_column: str = "text"
     label_column: str | None = None
     max_length: int | None = None
+    label_classes: int | None = None  # labels may be classes 0..N-1 beyond the teacher's (train --class-map)
 
     def __post_init__(self) -> None:
         _text_settings(self)
+        if self.label_classes is not None:
+            _positive("--label-classes", self.label_classes)
         from kdcache.features import parse_features
 
         if isinstance(self.features, str):  # one layer, as a TOML string
