@@ -295,7 +295,9 @@ class Objective:
         soft = None
         if self.kit.active and self.needs_logits:  # per-row rules: labels, rows that count, rows with KD
             y, mask, soft = self.kit.rows(batch, y, mask, device)
-        if self.ce:
+        if self.ce and soft is not None and self.kd:  # rows without a soft term: CE as at α = 0
+            out["loss/ce"] = self.kit.hard_term(s, y, mask, soft, self.alpha)
+        elif self.ce:
             out["loss/ce"] = ce_loss(s, y, mask=mask)
         if self.kd and not self.kit.active:
             out["loss/kd"] = soft_kl(s, t, self.temperature, mask=mask)

@@ -40,7 +40,7 @@ from kdcache.errors import ConfigError
 from kdcache.loader import CacheDataset
 from kdcache.loader.multi import TEACHERS, MultiCacheDataset, check_joinable
 from kdcache.loader.targets import response_kind
-from kdcache.losses import DenseTargets, soft_kl
+from kdcache.losses import DenseTargets, ce_loss, soft_kl
 from kdcache.losses.multi import (accuracy_weights, combine_teachers, confidence_gate, per_class_precision,
                                   precision_gate)
 from kdcache.losses.partial import novel_rows, restrict
@@ -343,6 +343,16 @@ class Toolkit:
             known = (y < 0) | known[y.clamp(0, len(known) - 1)]  # labels are < the student's classes (checked)
             soft = known if soft is None else soft & known
         return y, mask, soft
+
+    def hard_term(self, s: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None, soft: torch.Tensor,
+                  alpha: float) -> torch.Tensor:
+        """CE over the labelled rows, a row without its soft term weighted 1 / (1 - α): after the
+        objective's factor 1 - α it counts with weight 1, as at α = 0 (the teacher has nothing to
+        say about it, so its label is all it learns from)."""
+        rows = ce_loss(s, y, reduction="none", mask=mask)
+        weight = torch.where(soft, 1.0, 1.0 / (1.0 - alpha))
+        labelled = (y >= 0) if mask is None else (y >= 0) & mask
+        return (rows * weight).sum() / labelled.sum().clamp_min(1)
 
     def soft_term(self, s: torch.Tensor, t: Any, temperature: float, mask: torch.Tensor | None,
                   soft: torch.Tensor | None) -> torch.Tensor:
