@@ -232,8 +232,9 @@ def test_partial_kd_restricts_renormalizes_and_leaves_novel_rows_to_ce():
     p = F.softmax(t / T, -1)
     kl = (p * (p.log() - q)).sum(-1) * T * T
     kd = (kl * torch.tensor([1.0, 0, 0, 1, 1], dtype=torch.float64)).sum() / 5  # novel rows: no soft term
-    ce = F.cross_entropy(s[[0, 1, 2, 4]], y[[0, 1, 2, 4]])  # CE over all 6 classes, labelled rows
-    torch.testing.assert_close(loss, (1 - alpha) * ce + alpha * kd)
+    ce = F.cross_entropy(s[[0, 1, 2, 4]], y[[0, 1, 2, 4]], reduction="none")  # over all 6 classes, labelled rows
+    # novel rows (1, 2) count as at α = 0: weight 1 after the factor 1 - α
+    torch.testing.assert_close(loss, ((1 - alpha) * ce[[0, 3]].sum() + ce[[1, 2]].sum()) / 4 + alpha * kd)
     # the soft term sends no gradient to the unmapped columns
     grad, = torch.autograd.grad(alpha * kd, s)
     assert grad[:, [2, 4]].abs().max() == 0

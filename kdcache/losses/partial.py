@@ -40,13 +40,18 @@ def novel_rows(labels: Tensor, student_of: Tensor, student_classes: int) -> Tens
 
 def partial_kd_loss(student_logits: Tensor, teacher: Teacher, labels: Tensor, student_of: Tensor, *,
                     temperature: float = 4.0, alpha: float = 0.9, mask: Tensor | None = None) -> Tensor:
-    """``(1 - α)·CE(s, y) + α·T²·KL(teacher ‖ restricted student)``, the soft term 0 on rows of a
-    novel class, each term averaged as :func:`kdcache.losses.kd_loss` averages it (CE over the
-    labelled rows, KD over all valid rows)."""
-    valid = novel_rows(labels, student_of, student_logits.shape[-1]).logical_not()
-    if mask is not None:
-        valid = valid & mask
+    """``(1 - α)·CE(s, y) + α·T²·KL(teacher ‖ restricted student)`` with the soft term 0 on rows
+    of a novel class, whose CE counts as at α = 0 (weight 1 instead of 1 - α): the teacher has
+    nothing to say about them. Averaged as :func:`kdcache.losses.kd_loss` averages (CE over the
+    labelled rows, KD over all valid rows). ``alpha`` < 1."""
+    if not 0.0 <= alpha < 1.0:
+        raise ValueError(f"expected alpha in [0, 1), got {alpha!r} instead")
+    novel = novel_rows(labels, student_of, student_logits.shape[-1])
+    valid = ~novel if mask is None else ~novel & mask
     rows = soft_kl(restrict(student_logits, student_of), teacher, temperature, reduction="none", mask=mask)
     count = (mask.sum() if mask is not None else rows.numel())
     kd = (rows * valid).sum() / max(int(count), 1)
-    return (1 - alpha) * ce_loss(student_logits, labels, mask=mask) + alpha * kd
+    ce = ce_loss(student_logits, labels, reduction="none", mask=mask)
+    labelled = labels >= 0 if mask is None else (labels >= 0) & mask
+    ce = (ce * torch.where(novel, 1.0 / (1.0 - alpha), 1.0)).sum() / labelled.sum().clamp_min(1)
+    return (1 - alpha) * ce + alpha * kd
