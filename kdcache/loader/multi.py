@@ -5,8 +5,7 @@ row ``r`` of one cache and row ``r`` of another are usually different items: the
 each cache's ``index`` array (row → dataset item). The first cache drives the order (its batches,
 shuffle and resume state are exactly a single-cache run's); for every other cache an item → row
 table is built once, and each batch's items are looked up in it and read with the same one gather
-per array from the mapped chunks the loader uses for the first cache (rows sorted first, so the
-gather walks each chunk forwards).
+per array from the mapped chunks the loader uses for the first cache.
 
     ds = MultiCacheDataset("a.zarr", data, others=["b.zarr"], batch_size=64)
     batch["teachers"]  # (B, N, C): the N teachers' logits for the batch's items, first cache first
@@ -83,11 +82,8 @@ class TeacherJoin:
             if (rows < 0).any():
                 item = int(items[np.flatnonzero(rows < 0)[0]])
                 raise ConfigError(f"--cache {cache.url}: holds no row for dataset item {item}")
-            order = np.argsort(rows, kind="stable")
-            got = cache.gather(["logits"], rows[order])["logits"]  # (B, C) storage dtype, rows ascending
-            back = np.empty_like(got)
-            back[order] = got
-            out.append(cache.tensor("logits", back))
+            got = cache.gather(["logits"], rows)["logits"]  # (B, C): one gather, in the batch's order
+            out.append(cache.tensor("logits", got))
         return out
 
     def willneed(self, items: np.ndarray) -> None:

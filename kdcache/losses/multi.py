@@ -65,8 +65,10 @@ def combine_teachers(logits: Tensor, rule: str, temperature: float, weights: Ten
             torch.isneginf(logits).all(1), float("-inf"))  # a class every teacher masked stays masked
     if rule not in ("avg-probs", "weighted"):
         raise ValueError(f"rule: expected one of {', '.join(COMBINE_RULES)}, got {rule!r} instead")
-    log_p = F.log_softmax(logits / temperature, dim=-1) + w.log()[None, :, None]  # (B, N, C)
-    return temperature * torch.logsumexp(log_p, dim=1)  # (B, C): T · log Σ w_i p_i
+    # one exp per teacher logit and one log per class: a probability below float's smallest (a logit
+    # gap of ~87·T) becomes log 0 = -inf, which the KD term reads as p = 0, its value to that precision
+    p = torch.einsum("bnc,n->bc", F.softmax(logits / temperature, dim=-1), w)  # (B, C): Σ w_i p_i
+    return temperature * p.log()
 
 
 def confidence_gate(logits: Tensor) -> Tensor:
