@@ -166,6 +166,9 @@ def dump(
                                                  "conv map), cls (position 0) or flatten. With --logits none the "
                                                  "teacher needs no logits."),
     features_dtype: str = typer.Option("float16", help="How --features are stored: float16, bfloat16 or float32."),
+    label_classes: Optional[int] = typer.Option(None, help="The data's labels are classes 0..N-1, more than the "
+                                                "teacher's outputs (a student with classes the teacher never saw: "
+                                                "train it with --class-map). Default: the teacher's classes."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Probe one item, print the projected store size and chunk "
                                  "layout, and exit without writing anything."),
     tokenizer: Optional[str] = typer.Option(None, help="Text data: the tokenizer's directory (default: the "
@@ -229,15 +232,17 @@ def _print_projection(cfg) -> None:
 @friendly
 def train(
     ctx: typer.Context,
-    cache: Optional[str] = typer.Option(None, help="Cache made by `kdcache dump`: a path, or with --cache-root a key "
-                                        "(or a unique start of one; `kdcache ls` lists them)."),
+    cache: Optional[List[str]] = typer.Option(
+        None, "--cache", help="Cache made by `kdcache dump`: a path, or with --cache-root a key (or a unique start of "
+        "one; `kdcache ls` lists them). Repeat it for several teachers (dense caches of the same data, joined by "
+        "dataset index; their targets combined by --combine); the first drives the order."),
     cache_root: Optional[str] = typer.Option(None, help="The folder or fsspec URL of shared caches that --cache KEY "
                                              "names one of (see `kdcache dump --cache-root`)."),
     follow: bool = typer.Option(False, "--follow", help="Train while `kdcache dump` is still writing --cache: start on "
                                 "its committed chunks and take each new one as it is committed. The first epoch "
                                 "sees every row once, in commit order, shuffled among the committed rows within "
-                                "--shuffle-buffer; later epochs shuffle as usual. Not with --num-workers > 0 or "
-                                "--online."),
+                                "--shuffle-buffer; later epochs shuffle as usual. Not with --num-workers > 0, "
+                                "--online or several --cache."),
     follow_timeout: float = typer.Option(60.0, help="With --follow: seconds to wait for the cache to appear, and "
                                          "then for each new commit, before stopping with an error."),
     student: Optional[str] = typer.Option(None, help="Student spec: pkg.module:attr, file.py:attr or torchscript:PATH."),
@@ -289,6 +294,27 @@ def train(
     rkd_student_layer: Optional[str] = typer.Option(None, help="The student's layer RKD compares with --rkd-feature "
                                                     "(pooled as it was); default: the one --feature-map pairs with "
                                                     "it."),
+    teacher_calibration: Optional[List[str]] = typer.Option(
+        None, "--teacher-calibration", help="FILE (a calibration.json of `kdcache calibrate`, key temperature) or a "
+        "number τ: the cached teacher logits are divided by τ before the KD temperature. Dense caches only; one per "
+        "--cache, in the same order."),
+    combine: str = typer.Option("avg-probs", help="Several --cache: avg-probs (mean of the teachers' softened "
+                                "probabilities), avg-logits (mean of their logits), weighted:W1,W2,... (weighted mean "
+                                "of probabilities; or `weighted` with --weights-from), gated (per row, one teacher: "
+                                "the most confident, or with --weights-from the most precise for its own prediction)."),
+    weights_from: Optional[str] = typer.Option(
+        None, help="EVAL_A,EVAL_B: caches of a labelled eval set dumped by the same teachers (--cache order). "
+        "weighted: weights ∝ each teacher's accuracy odds a/(1-a) there; gated: its per-class precision."),
+    class_map: Optional[str] = typer.Option(
+        None, help="Partial KD for a student with classes the teacher never saw: FILE.json {\"student\": teacher} or "
+        "S:T,S:T,... covering every teacher class. KD over the mapped classes only (the student's softmax over them); "
+        "rows labelled with an unmapped class get CE only."),
+    kd_where: Optional[str] = typer.Option(
+        None, help="SQL predicate (DuckDB) over the cache's per-row table (index, label, teacher_top1, teacher_prob, "
+        "entropy, margin), evaluated once: rows where it is false get CE only, e.g. \"teacher_prob > 0.5\"."),
+    disagreement: str = typer.Option("keep", help="Rows whose teacher top-1 differs from their label: keep (as any "
+                                     "row), drop-kd (CE only), drop-row (no loss at all), trust-teacher (train on the "
+                                     "teacher's top-1 as the label)."),
     quiet: bool = QuietOpt,
     config: Optional[Path] = ConfigOpt,
 ):
@@ -301,6 +327,10 @@ def train(
 
     p = _params(ctx, config, "student", "out")
     quiet, overwrite = p.pop("quiet"), p.pop("overwrite")
+    caches = list(p.pop("cache") or [])  # --cache A --cache B: the first drives the order, the rest join it
+    p["cache"], p["extra_caches"] = (caches[0] if caches else None), tuple(caches[1:])
+    p["teacher_calibration"] = tuple(p["teacher_calibration"] or ())
+    p["weights_from"] = tuple(w.strip() for w in (p["weights_from"] or "").split(",") if w.strip())
     if p.get("cache_root") is None and os.environ.get("KDCACHE_HOME") and _looks_like_key(p.get("cache")):
         p["cache_root"] = os.environ["KDCACHE_HOME"]  # --cache KEY with $KDCACHE_HOME: a key there
     cfg = TrainConfig(**p)

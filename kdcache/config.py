@@ -69,12 +69,15 @@ class DumpConfig:
     label_column: str | None = None
     max_length: int | None = None
     cache_root: str | None = None  # instead of out: a folder or URL of caches named by their fingerprints
+    label_classes: int | None = None  # labels may be classes 0..N-1 beyond the teacher's (train --class-map)
 
     def __post_init__(self) -> None:
         _text_settings(self)
         if (self.out is None) == (self.cache_root is None):
             raise ConfigError("give --out PATH or --cache-root DIR|URL (or set KDCACHE_HOME), not both" if self.out
                               else "--out PATH or --cache-root DIR|URL is required (or set KDCACHE_HOME)")
+        if self.label_classes is not None:
+            _positive("--label-classes", self.label_classes)
         from kdcache.features import parse_features
 
         if isinstance(self.features, str):  # one layer, as a TOML string
@@ -187,6 +190,14 @@ class TrainConfig:
     cache_root: str | None = None  # --cache is a key (or a unique prefix of one) of a cache under this root
     follow: bool = False  # train while the dump writes the cache (kdcache.loader.follow)
     follow_timeout: float = 60.0  # seconds to wait for the cache to appear, and for each new commit
+    # the distillation toolkit (kdcache.toolkit, docs/toolkit.md)
+    extra_caches: tuple[str, ...] = ()  # more teachers: --cache A --cache B gives cache=A, extra_caches=(B,)
+    teacher_calibration: tuple[str, ...] = ()  # FILE (calibration.json) or a number T, one per cache
+    combine: str = "avg-probs"  # several teachers: avg-logits, avg-probs, weighted[:W,...], gated
+    weights_from: tuple[str, ...] = ()  # caches of a labelled eval set by the same teachers, in --cache order
+    class_map: str | None = None  # FILE.json or "S:T,S:T,...": student class -> teacher class (partial KD)
+    kd_where: str | None = None  # SQL predicate over the per-row table: rows where false get CE only
+    disagreement: str = "keep"  # rows whose teacher top-1 is not their label: keep, drop-kd, drop-row, trust-teacher
 
     def __post_init__(self) -> None:
         _text_settings(self)
@@ -213,6 +224,7 @@ class TrainConfig:
                 raise ConfigError(f"{flag} must be a layer name, got {value!r}")
             if value is not None and not self.rkd:
                 raise ConfigError(f"{flag} {value}: RKD is off; give --rkd-distance W and/or --rkd-angle W (> 0)")
+        _toolkit_settings(self)
         if self.online and (maps or self.rkd):
             raise ConfigError("--feature-map and RKD read the teacher's features from the cache; --online runs the "
                               "teacher live for its logits only: leave out --online")
@@ -255,6 +267,9 @@ class TrainConfig:
         if self.num_workers:
             raise ConfigError(f"--follow reads the cache in the training process; --num-workers {self.num_workers} is "
                               "not supported with it: give --num-workers 0")
+        if self.extra_caches:
+            raise ConfigError("--follow follows one cache while it is dumped; several --cache (teachers) are read "
+                              "complete: leave out --follow, or give one --cache")
 
     def feature_maps(self) -> list[FeatureMap]:
         """--feature-map, parsed."""
@@ -267,6 +282,71 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+COMBINE_RULES = ("avg-logits", "avg-probs", "weighted", "gated")
+DISAGREEMENT = ("keep", "drop-kd", "drop-row", "trust-teacher")
+
+
+def parse_combine(text: str, teachers: int) -> tuple[str, tuple[float, ...] | None]:
+    """--combine RULE, or weighted:W1,W2,... with one weight >= 0 per teacher (normalized to sum 1)."""
+    rule, _, rest = str(text).partition(":")
+    if rule not in COMBINE_RULES or (rest and rule != "weighted"):
+        raise ConfigError(f"--combine must be one of avg-logits, avg-probs, weighted:W1,W2,..., weighted (with "
+                          f"--weights-from), gated; got {text!r}")
+    if not rest:
+        return rule, None
+    try:
+        weights = tuple(float(w) for w in rest.split(","))
+    except ValueError:
+        raise ConfigError(f"--combine {text}: expected comma-separated numbers after 'weighted:'") from None
+    if len(weights) != teachers:
+        raise ConfigError(f"--combine {text}: {len(weights)} weight{'s' * (len(weights) != 1)} for {teachers} "
+                          f"teacher{'s' * (teachers != 1)} (--cache given {teachers} time{'s' * (teachers != 1)}); "
+                          "give one weight per --cache, in the same order")
+    if not all(_finite(w) and w >= 0 for w in weights) or sum(weights) <= 0:
+        raise ConfigError(f"--combine {text}: weights must be finite, >= 0 and not all 0")
+    return rule, tuple(w / sum(weights) for w in weights)
+
+
+def _strings(cfg: Any, name: str, flag: str) -> None:
+    """Normalize a repeatable string field to a tuple (one string is a tuple of one)."""
+    value = getattr(cfg, name)
+    value = () if value is None else (value,) if isinstance(value, str) else value
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(f"{flag}: expected strings, got {value!r}")
+    object.__setattr__(cfg, name, tuple(value))
+
+
+def _toolkit_settings(cfg: "TrainConfig") -> None:
+    """The toolkit's flags, checked for what they are on their own (kdcache.toolkit checks them
+    against the caches)."""
+    _strings(cfg, "extra_caches", "--cache")
+    _strings(cfg, "teacher_calibration", "--teacher-calibration")
+    _strings(cfg, "weights_from", "--weights-from")
+    teachers = 1 + len(cfg.extra_caches)
+    rule, weights = parse_combine(cfg.combine, teachers)
+    if cfg.weights_from and rule not in ("weighted", "gated"):
+        raise ConfigError(f"--weights-from sets the weights of --combine weighted or the gate of --combine gated; "
+                          f"--combine is {cfg.combine}")
+    if rule == "weighted" and (weights is None) == (not cfg.weights_from):
+        raise ConfigError("--combine weighted: give the weights (weighted:0.7,0.3) or --weights-from EVAL_A,EVAL_B, "
+                          "not both" if weights is not None else
+                          "--combine weighted: give the weights (weighted:0.7,0.3) or --weights-from EVAL_A,EVAL_B")
+    if cfg.weights_from and len(cfg.weights_from) != teachers:
+        raise ConfigError(f"--weights-from: {len(cfg.weights_from)} eval cache(s) for {teachers} --cache(s); give "
+                          "one per --cache, in the same order")
+    if len(cfg.teacher_calibration) not in (0, teachers):
+        raise ConfigError(f"--teacher-calibration: {len(cfg.teacher_calibration)} value(s) for {teachers} --cache(s); "
+                          "give one per --cache, in the same order")
+    _choice("--disagreement", cfg.disagreement, DISAGREEMENT)
+    for flag, value in (("--class-map", cfg.class_map), ("--kd-where", cfg.kd_where)):
+        if value is not None and not (isinstance(value, str) and value.strip()):
+            raise ConfigError(f"{flag}: expected a non-empty string, got {value!r}")
+    if cfg.online and (cfg.extra_caches or cfg.teacher_calibration or cfg.class_map or cfg.kd_where
+                       or cfg.disagreement != "keep"):
+        raise ConfigError("--online runs the teacher live; --cache (several), --teacher-calibration, --class-map, "
+                          "--kd-where and --disagreement work on caches: leave out --online")
 
 
 def pick_device(device: str):

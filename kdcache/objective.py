@@ -23,9 +23,11 @@ from kdcache.capture.outputs import call_model, extract_logits, extract_token_lo
 from kdcache.config import FeatureMap, TrainConfig
 from kdcache.errors import ConfigError, KDCacheError, ModelOutputError
 from kdcache.features import FeatureTap, layer_names, parse_features, pool, pseudo_index
+from kdcache.loader.multi import TEACHERS
 from kdcache.loader.targets import response_kind
 from kdcache.sources.tokens import MASK
 from kdcache.losses import Projector, attention_loss, ce_loss, feature_loss, rkd_angle, rkd_distance, soft_kl
+from kdcache.toolkit import Toolkit
 
 ONE_ROW_BATCHNORM = "Expected more than 1 value per channel when training"  # torch's error
 
@@ -37,6 +39,8 @@ def teacher_targets(batch: dict[str, Any], teacher: torch.nn.Module | None, x: A
     """The teacher's targets for a batch: the cached ones (dense, top-k or sampled), or (online)
     the live teacher's logits."""
     if teacher is None:
+        if TEACHERS in batch:  # several caches: their (B, N, C) logits, combined by the toolkit
+            return batch[TEACHERS].to(device, non_blocking=True)
         return batch["targets"].to(device, non_blocking=True)
     with torch.no_grad():
         return model_logits(teacher, x, shape, "--teacher", f"the teacher's forward pass failed {at}")
@@ -130,6 +134,7 @@ class Objective:
         self.cfg, self.alpha, self.temperature, self.online = cfg, cfg.alpha, cfg.temperature, online
         self.token = cache is not None and cache.manifest.sequences is not None
         has_targets = online or (cache is not None and response_kind(cache.manifest) is not None)
+        self.kit = Toolkit(cfg, cache, online)  # calibration, several teachers, class map, per-row rules
         self.kd = cfg.alpha > 0 and has_targets
         self.ce = cfg.alpha < 1 and _has_labels(cache)
         maps = cfg.feature_maps()
@@ -287,10 +292,18 @@ class Objective:
         batch's (the response terms'); pooling also reads padded token items' attention_mask."""
         out: dict[str, torch.Tensor] = {}
         pool_mask = self.pool_mask(batch, x, device) if feats else None
-        if self.ce:
+        soft = None
+        if self.kit.active and self.needs_logits:  # per-row rules: labels, rows that count, rows with KD
+            y, mask, soft = self.kit.rows(batch, y, mask, device)
+        if self.ce and soft is not None and self.kd:  # rows without a soft term: CE as at α = 0
+            out["loss/ce"] = self.kit.hard_term(s, y, mask, soft, self.alpha)
+        elif self.ce:
             out["loss/ce"] = ce_loss(s, y, mask=mask)
-        if self.kd:
+        if self.kd and not self.kit.active:
             out["loss/kd"] = soft_kl(s, t, self.temperature, mask=mask)
+        elif self.kd:
+            teacher = self.kit.teacher(t, self.temperature, device)
+            out["loss/kd"] = self.kit.soft_term(s, teacher, self.temperature, mask, soft)
         for term in self.features:
             out[term.key] = self._term_loss(term, feats, batch[term.map.array].to(device, non_blocking=True),
                                             pool_mask)

@@ -78,7 +78,7 @@ def train(cfg: TrainConfig, progress: bool = True, overwrite: bool = False) -> d
     params = _trainable(student, cfg.student)
     objective = Objective(cfg, cache, student, online=teacher is not None)
     source = cache if cache is not None else DatasetRows(len(data))
-    dataset = CacheDataset(source, data, batch_size=cfg.batch_size, seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer,
+    dataset = objective.kit.dataset(source, data, batch_size=cfg.batch_size, seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer,
                            drop_last=cfg.drop_last, rank=0, world=1,  # one process (_refuse_distributed_env)
                            targets=objective.arrays(cache), topk_mode=cfg.topk_mode,
                            follow=cfg.follow_timeout if cfg.follow else None)
@@ -114,6 +114,7 @@ def train(cfg: TrainConfig, progress: bool = True, overwrite: bool = False) -> d
             "fingerprints": _fingerprints(cache),
             "student_parameters": sum(p.numel() for p in student.parameters()),
             "terms": objective.keys,
+            "toolkit": objective.kit.summary,
             "projectors": "projectors.pt" if objective.projectors else None,
             "device": str(device),
             "config": cfg.to_dict(),
@@ -267,7 +268,9 @@ def _check_student(student: torch.nn.Module, teacher: torch.nn.Module | None, da
                                           "the student's forward pass failed on the first batch of --data")
         s = objective.logits(output, shape)
         objective.build(feats, batch, x, device)
-    if objective.kd:
+    if s is not None:
+        objective.kit.check_student(s.shape[-1], cfg.student)  # --class-map names classes the student has
+    if objective.kd and objective.kit.student_of is None:
         width = t.shape[-1] if isinstance(t, torch.Tensor) else dataset.source.manifest.classes
         if s.shape[-1] != width:
             source = (f"the cache's teacher (--cache {cfg.cache})" if teacher is None

@@ -159,7 +159,7 @@ def _probe(cfg: DumpConfig, dataset, order: RowOrder, kinds: list[Capture], tap:
         if cfg.store_inputs:
             raise ConfigError("--store-inputs: keeps token ids, and these items are not token dicts (dicts with "
                               "'input_ids')")
-        layout = SampleRows(dataset, order, logits)
+        layout = SampleRows(dataset, order, logits, cfg.label_classes)
         inputs, _ = layout.fetch(Step(0, 0, 1, (item,)))
         with torch.inference_mode():
             output, taps = _forward(tap, inputs, device, (item,))

@@ -110,11 +110,12 @@ class SampleRows:
 
     token = False
 
-    def __init__(self, dataset: Any, order: RowOrder, logits: bool = True) -> None:
+    def __init__(self, dataset: Any, order: RowOrder, logits: bool = True, label_classes: int | None = None) -> None:
         self.dataset, self.order, self.logits = dataset, order, logits
         self.rows = len(dataset)
         self.sequences = None
         self.classes: int | None = None  # set from the probe
+        self.label_classes = label_classes  # --label-classes: labels may be classes the teacher lacks (partial KD)
         self.columns = SAMPLE_COLUMNS if logits else SAMPLE_COLUMNS[:LOGIT_FREE_COLUMNS]
 
     def arrays(self, store_inputs: bool) -> list[ArraySpec]:
@@ -158,7 +159,7 @@ class SampleRows:
             raise TeacherOutputError(f"--teacher: returned {logits.shape[1]} classes for rows {step.start}.."
                                      f"{step.stop - 1} (dataset items {step.items[0]}, …) but {self.classes} for the "
                                      "first row: a cache holds one width")
-        labels = _checked_labels(labels, items, self.classes)
+        labels = _checked_labels(labels, items, self.label_classes or self.classes)
         out = Reductions(logits)
         stats = out.stats()  # (B, 4)
         table = {"index": items, "label": labels, "teacher_top1": stats[:, 0].to(torch.int32),

@@ -1,0 +1,1 @@
+"""Runnable comparisons for the distillation toolkit of `kdcache train` (docs/toolkit.md)."""
