@@ -434,7 +434,8 @@ def _train_settings(ctx: typer.Context, config: Optional[Path], rest: dict, rese
         flag = next((o for o in param.opts if o.startswith("--")), param.name)
         if param.name not in types:
             raise ConfigError(f"{flag}: not a setting of a training run (`kdcache {ctx.info_name}` takes train flags)")
-        setting_name(param.name, flag, reserved)
+        if param.name in reserved:
+            raise ConfigError(f"{flag}: cannot be given to `kdcache {ctx.info_name}`: {reserved[param.name]}")
         value = sub.params[param.name]
         settings[param.name] = tuple(value) if isinstance(value, list) else value
     return settings
@@ -554,13 +555,12 @@ def born_again(
         err.print(f"generation {row['generation']} ({row['teacher']}): {row['status']}, {acc}")
 
     rows = run_born_again(cfg, progress=not p["quiet"], report=report)
-    table = Table("generation", "teacher", "α", "T", "eval acc", "eval loss", "train loss", "train s", "dump s",
+    table = Table("gen", Column("teacher", overflow="fold"), "α", "T", "eval acc", "eval loss", "train s", "dump s",
                   "status")
     for row in rows:
         table.add_row(str(row["generation"]), row["teacher"], f"{row['alpha']:g}",
                       "" if row["temperature"] is None else f"{row['temperature']:g}",
-                      *(f"{row[k]:.4f}" if row[k] is not None else "" for k in ("eval_accuracy", "eval_loss",
-                                                                                 "train_loss")),
+                      *(f"{row[k]:.4f}" if row[k] is not None else "" for k in ("eval_accuracy", "eval_loss")),
                       *(f"{row[k]:.1f}" if row[k] is not None else "" for k in ("train_seconds", "dump_seconds")),
                       row["status"])
     out.print(table)

@@ -402,7 +402,7 @@ def config_differences(summary: dict[str, Any], config: TrainConfig) -> list[str
     ``config``, as ``name (was, now)``; a setting newer than the summary counts as its default."""
     planned = json.loads(json.dumps(config.to_dict()))
     found = summary.get("config") or {}
-    defaults = json.loads(json.dumps(TrainConfig(student="s", out="o", cache="c").to_dict()))
+    defaults = json.loads(json.dumps(TrainConfig(student="s", data=None, out="o", cache="c").to_dict()))
     return [f"{k} ({found.get(k, defaults.get(k))!r}, now {planned[k]!r})" for k in planned
             if k not in UNCOMPARED and found.get(k, defaults.get(k)) != planned[k]]
 
