@@ -51,6 +51,8 @@ RESERVED = {
     "rkd_feature": "the generations' caches hold logits only",
     "rkd_student_layer": "the generations' caches hold logits only",
 }
+# Settings only the KD term reads: left at their defaults in generation 0.
+KD_SETTINGS = ("temperature", "topk_mode")
 # Settings a generation's dump takes from the training settings: the device and how text is read.
 DUMP_SETTINGS = ("device", "tokenizer", "text_column", "label_column", "max_length")
 
@@ -85,7 +87,8 @@ class BornAgainConfig:
         settings = dict(self.settings)
         common = dict(student=self.student, data=self.data, eval_data=self.eval_data, out=str(self.run_dir(g)))
         if g == 0:  # labels only: the "teacher" is built but never runs (α = 0 turns the KD term off)
-            return TrainConfig(**{**settings, **common, "online": True, "teacher": self.student, "alpha": 0.0})
+            labels = {k: v for k, v in settings.items() if k not in KD_SETTINGS}  # changing T keeps gen0 valid
+            return TrainConfig(**{**labels, **common, "online": True, "teacher": self.student, "alpha": 0.0})
         return TrainConfig(**{**settings, **common, "cache": str(self.cache_dir(g - 1))})
 
     def dump_config(self, g: int, overwrite: bool) -> DumpConfig:
