@@ -124,7 +124,9 @@ def main() -> None:
                    "--student", f"{models}:student", "--data", DATA, "--eval-data", EVAL, "-T", str(temperature),
                    "--alpha", str(alpha), "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
                    "--lr", "0.01", "--device", "cpu", "--out", str(out), "--overwrite", "-q"]
-            subprocess.run(cmd, check=True, stdin=subprocess.DEVNULL)
+            done = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True)
+            if done.returncode != 0:
+                sys.exit(f"online run {out.name} failed: {done.stderr.strip()}")
             online_acc[(temperature, alpha)] = json.loads((out / "summary.json").read_text())["eval_accuracy"]
     online_s = time.perf_counter() - t
     online_rows = rows_counted()

@@ -52,7 +52,6 @@ RESERVED = {
     "cache": "give --cache",
     "data": "give --data",
     "online": "a sweep trains from the cache and never runs the teacher",
-    "checkpoint": "a sweep trains from the cache and never runs the teacher",
 }
 # Settings that do not change what a run computes: a finished run is reused whatever they were.
 UNCOMPARED = ("out", "cache", "log_every", "num_workers")
