@@ -1,4 +1,4 @@
-"""The ``kdcache`` command line: dump, train, info, verify, layers, ls.
+"""The ``kdcache`` command line: dump, train, info, verify, layers, ls, calibrate, report, sweep, born-again.
 
 ``dump`` and ``train`` take ``--config FILE.toml`` (any flag as a key; flags override the file). Bad input
 prints one line naming the flag, file or row at fault and exits non-zero, without a traceback.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import typing
 from pathlib import Path
 from typing import List, Optional
 
@@ -17,7 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Column, Table
 
-from kdcache.cliconfig import merged_params, require
+from kdcache.cliconfig import merged_params, merged_params_and_settings, require
 from kdcache.errors import KDCacheError
 
 app = typer.Typer(
@@ -558,6 +559,176 @@ def report(
     page = run_report(p["cache"], p["out"], eval_cache=p.get("eval_cache"), runs=p.get("runs"), top=p["top"],
                       progress=not p["quiet"])
     err.print(f"wrote {escape(str(page))}", highlight=False)
+
+
+# --- sweep and born-again: many `kdcache train` runs -------------------------------------------------
+RUNS_CONTEXT = {"allow_extra_args": True, "ignore_unknown_options": True}  # the rest: train flags
+TRAIN_FLAGS_EPILOG = ("Any other `kdcache train` flag (--epochs, --lr, --batch-size, --weight-decay, --device, "
+                      "...; see `kdcache train --help`) is a setting of every run, given here or in --config "
+                      "(at the top level, under [train] or under [{command}]).")
+INTERRUPTED["sweep"] = "interrupted: finished runs are kept; run the same command again to resume"
+INTERRUPTED["born_again"] = "interrupted: finished generations are kept; run the same command again to resume"
+
+
+def _train_settings(ctx: typer.Context, config: Optional[Path], rest: dict, reserved: dict) -> dict:
+    """The `kdcache train` settings for every run: the config file's keys that are not this
+    command's own (``rest``), overridden by the flags left over on the command line, which
+    train's own parser reads (so each is typed and checked as `kdcache train` does)."""
+    from kdcache.cliconfig import _cast
+    from kdcache.errors import ConfigError
+    from kdcache.sweep import setting_name, train_fields
+
+    types = train_fields()
+    settings = {}
+    for key, value in rest.items():
+        name = setting_name(key, f"--config {config}: key", reserved)
+        hint = types[name]
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        settings[name] = _cast(value, args[0] if len(args) == 1 else hint, config, key)
+    command = typer.main.get_command(app).commands["train"]
+    try:
+        sub = command.make_context("train", list(ctx.args))
+    except Exception as e:  # click's usage errors (typer may vendor its own click)
+        message = e.format_message() if hasattr(e, "format_message") else str(e)
+        raise ConfigError(f"`kdcache {ctx.info_name}`: {message} (any `kdcache train` flag is a setting of every "
+                          "run)") from None
+    for param in command.params:
+        if getattr(sub.get_parameter_source(param.name), "name", None) != "COMMANDLINE":
+            continue
+        flag = next((o for o in param.opts if o.startswith("--")), param.name)
+        if param.name not in types:
+            raise ConfigError(f"{flag}: not a setting of a training run (`kdcache {ctx.info_name}` takes train flags)")
+        if param.name in reserved:
+            raise ConfigError(f"{flag}: cannot be given to `kdcache {ctx.info_name}`: {reserved[param.name]}")
+        value = sub.params[param.name]
+        settings[param.name] = tuple(value) if isinstance(value, list) else value
+    return settings
+
+
+def _grid_from_toml(value, config, key):
+    """``grid = {temperature = [1, 2, 4], alpha = "0.3,0.7"}`` → ``["temperature=1,2,4", "alpha=0.3,0.7"]``."""
+    from kdcache.errors import ConfigError
+
+    if isinstance(value, dict):
+        out = []
+        for k, v in value.items():
+            if isinstance(v, list) and v and all(isinstance(x, (int, float, str)) for x in v):
+                v = ",".join(map(str, v))
+            if not isinstance(v, (str, int, float)) or isinstance(v, bool):
+                raise ConfigError(f"--config {config}: key {key}.{k} must be a list of values or a string "
+                                  f"\"V1,V2\", got {v!r}")
+            out.append(f"{k}={v}")
+        return out
+    return value
+
+
+def _seeds_from_toml(value, config, key):
+    """``seeds = [0, 1, 2]`` → ``"0,1,2"``."""
+    if isinstance(value, list):
+        return ",".join(map(str, value))
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+@app.command(context_settings=RUNS_CONTEXT, epilog=TRAIN_FLAGS_EPILOG.format(command="sweep"))
+@friendly
+def sweep(
+    ctx: typer.Context,
+    cache: Optional[str] = typer.Option(None, help="The cache every run trains from (made by `kdcache dump`); must "
+                                        "be complete. The teacher never runs."),
+    student: Optional[List[str]] = typer.Option(None, "--student", help="Student spec, repeatable: each is an axis "
+                                                "value of the sweep."),
+    data: Optional[str] = typer.Option(None, help="The dataset the cache was dumped from."),
+    eval_data: Optional[str] = typer.Option(None, help="Labelled dataset each run reports accuracy on."),
+    grid: Optional[List[str]] = typer.Option(None, "--grid", metavar="KEY=V1,V2,...", help="Repeatable: a train "
+                                             "setting (temperature or T, alpha, lr, epochs, batch-size, ...) and its "
+                                             "values; every combination of every --grid × --student × --seeds runs."),
+    seeds: str = typer.Option("0", help="Seeds, comma-separated (e.g. 0,1,2): each run's --seed."),
+    parallel: int = typer.Option(1, help="Runs at once, each in its own process with cores ÷ N torch threads "
+                                 "(OMP_NUM_THREADS; one already in the environment is kept)."),
+    out_: Optional[str] = typer.Option(None, "--out", help="Sweep directory: runs/<name>/ per run, results.csv, "
+                                       "results.md, accuracy.png. Runs finished there are reused."),
+    overwrite: bool = typer.Option(False, help="Train every run again, also those finished in --out."),
+    quiet: bool = QuietOpt,
+    config: Optional[Path] = ConfigOpt,
+):
+    """Train every combination of --grid values × students × seeds from one cache (never the teacher).
+
+    Each run is a `kdcache train` into OUT/runs/<name>/ (e.g. student_T2_a0.7_s0). Runs whose
+    summary.json exists are reused, so an interrupted sweep resumes; a failed run is recorded in
+    results.csv with its error, the others go on, and the exit code is 1 at the end."""
+    from kdcache.sweep import RESERVED, SweepConfig, parse_grid, parse_seeds, run_sweep, sort_key
+
+    p, rest = merged_params_and_settings(ctx, config, convert={"grid": _grid_from_toml, "seeds": _seeds_from_toml})
+    ctx.meta["kdcache.params"] = p
+    p["out"] = p.pop("out_")
+    require(p, "cache", "student", "out")
+    settings = _train_settings(ctx, config, rest, RESERVED)
+    cfg = SweepConfig(cache=p["cache"], students=tuple(p["student"]), out=p["out"], data=p["data"],
+                      eval_data=p["eval_data"], grid=parse_grid(p["grid"] or ()), seeds=parse_seeds(p["seeds"]),
+                      settings=tuple(settings.items()), parallel=p["parallel"])
+    result = run_sweep(cfg, progress=not p["quiet"], overwrite=p["overwrite"])
+    keys = [k for k, _ in cfg.grid]
+    table = Table(Column("run", overflow="fold"), *keys, "seed", "eval acc", "eval loss", "train loss", "s",
+                  Column("status", overflow="fold"))
+    for row in sorted(result.rows, key=sort_key):
+        status = row["status"] if row["status"] != "failed" else f"failed: {row['error']}"
+        table.add_row(escape(row["run"]), *(escape(str(row[k])) for k in keys), str(row["seed"]),
+                      *(f"{row[k]:.4f}" if row[k] is not None else "" for k in ("eval_accuracy", "eval_loss",
+                                                                                 "train_loss")),
+                      f"{row['seconds']:.1f}" if row["seconds"] is not None else "", escape(status))
+    out.print(table)
+    err.print(f"{len(result.rows)} runs: {result.trained} trained, {result.reused} reused, {result.failed} failed → "
+              f"{escape(str(Path(p['out']) / 'results.csv'))}, results.md, accuracy.png")
+    if result.failed:
+        raise typer.Exit(1)
+
+
+@app.command("born-again", context_settings=RUNS_CONTEXT, epilog=TRAIN_FLAGS_EPILOG.format(command="born-again"))
+@friendly
+def born_again(
+    ctx: typer.Context,
+    student: Optional[str] = typer.Option(None, help="Student spec; every generation is a fresh one of it, and is "
+                                          "the next generation's teacher."),
+    data: Optional[str] = typer.Option(None, help="Labelled training data: generation 0 learns its labels, and "
+                                       "each generation's cache is dumped over it."),
+    eval_data: Optional[str] = typer.Option(None, help="Labelled dataset each generation reports accuracy on."),
+    generations: int = typer.Option(3, help="Generations in all: gen0 (labels only, α = 0) and each later one "
+                                    "distilled from the one before."),
+    out_: Optional[str] = typer.Option(None, "--out", help="Directory: gen<g>/run and gen<g>/cache per generation, "
+                                       "generations.csv and generations.json. Finished generations are reused."),
+    quiet: bool = QuietOpt,
+    config: Optional[Path] = ConfigOpt,
+):
+    """Born-again networks: train the student on labels, then each generation from the last one's cache.
+
+    Generation g > 0 dumps OUT/gen<g-1>/cache with the student spec as the teacher and
+    OUT/gen<g-1>/run/student.pt as its checkpoint (an ordinary `kdcache dump`), then trains from it
+    into OUT/gen<g>/run with the given T, α and other train flags."""
+    from kdcache.bornagain import RESERVED, BornAgainConfig, run_born_again
+
+    p, rest = merged_params_and_settings(ctx, config)
+    ctx.meta["kdcache.params"] = p
+    p["out"] = p.pop("out_")
+    require(p, "student", "data", "out")
+    settings = _train_settings(ctx, config, rest, RESERVED)
+    cfg = BornAgainConfig(student=p["student"], data=p["data"], out=p["out"], eval_data=p["eval_data"],
+                          generations=p["generations"], settings=tuple(settings.items()))
+
+    def report(row: dict) -> None:
+        acc = f"eval_accuracy {row['eval_accuracy']:.4f}" if row["eval_accuracy"] is not None else "no --eval-data"
+        err.print(f"generation {row['generation']} ({row['teacher']}): {row['status']}, {acc}")
+
+    rows = run_born_again(cfg, progress=not p["quiet"], report=report)
+    table = Table("gen", Column("teacher", overflow="fold"), "α", "T", "eval acc", "eval loss", "train s", "dump s",
+                  "status")
+    for row in rows:
+        table.add_row(str(row["generation"]), row["teacher"], f"{row['alpha']:g}",
+                      "" if row["temperature"] is None else f"{row['temperature']:g}",
+                      *(f"{row[k]:.4f}" if row[k] is not None else "" for k in ("eval_accuracy", "eval_loss")),
+                      *(f"{row[k]:.1f}" if row[k] is not None else "" for k in ("train_seconds", "dump_seconds")),
+                      row["status"])
+    out.print(table)
+    err.print(f"{len(rows)} generations → {escape(str(Path(p['out']) / 'generations.csv'))}, generations.json")
 
 
 def main() -> None:

@@ -21,7 +21,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-COMMANDS = ("dump", "train", "info", "verify", "ls", "calibrate", "report")
+COMMANDS = ("dump", "train", "info", "verify", "ls", "calibrate", "report", "sweep", "born-again")
 
 
 def merged_params(ctx: Any, config: Path | None) -> dict[str, Any]:
@@ -59,6 +59,52 @@ def merged_params(ctx: Any, config: Path | None) -> dict[str, Any]:
             continue
         params[param.name] = _cast(value, hints.get(param.name), config, key)
     return params
+
+
+def merged_params_and_settings(ctx: Any, config: Path | None, tables: tuple[str, ...] = ("train",),
+                               convert: dict[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """For commands that run other commands (``sweep``, ``born-again`` run ``train``): the
+    command's parameters as :func:`merged_params` gives them, and apart, the config's other keys
+    (as spelled there) for the caller to check as the other command's settings, rather than refused.
+
+    Keys are read at the top level, then under each of ``tables`` (``[train]``), then under the
+    command's own table, a later one winning. ``convert`` maps a parameter to a function applied
+    to its TOML value first (a table of grid values, say).
+    """
+    params = dict(ctx.params)
+    params.pop("config", None)
+    if config is None:
+        return params, {}
+    doc = _read_toml(config)
+    values = {k: v for k, v in doc.items() if not (isinstance(v, dict) and k in COMMANDS)}
+    for table in (*tables, ctx.info_name):
+        if isinstance(doc.get(table), dict):
+            values.update(doc[table])
+    by_key, hints, rest = _params_by_key(ctx), _type_hints(ctx), {}
+    for key, value in values.items():
+        param = by_key.get(key.replace("-", "_"))
+        if param is None:
+            rest[key] = value
+            continue
+        if getattr(ctx.get_parameter_source(param.name), "name", None) in ("COMMANDLINE", "ENVIRONMENT"):
+            continue
+        if convert and param.name in convert:
+            value = convert[param.name](value, config, key)
+        params[param.name] = _cast(value, hints.get(param.name), config, key)
+    return params, rest
+
+
+def _read_toml(config: Path) -> dict[str, Any]:
+    try:
+        return tomllib.loads(Path(config).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"--config: file {str(config)!r} does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(f"--config: {str(config)!r} is a directory, not a TOML file") from None
+    except OSError as e:
+        raise ConfigError(f"--config: cannot read {str(config)!r}: {e.strerror or e}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"--config {config}: not valid TOML: {e}") from None
 
 
 def _params_by_key(ctx: Any) -> dict[str, Any]:
