@@ -1,12 +1,14 @@
 """`kdcache sweep`: every combination of a grid of training settings × students × seeds, from one cache.
 
-The teacher never runs: every run is an ordinary ``kdcache train`` from the same cache, in its own
-process (``python -m kdcache.sweep RUN.json`` calls :func:`kdcache.train.train`), into
-``OUT/runs/<name>/`` where the name reads as the run's settings (``student_T2_a0.7_s0``). With
-``parallel`` N, N runs go at once and each gets ``cores ÷ N`` torch threads (OMP_NUM_THREADS and
-MKL_NUM_THREADS in its environment, unless OMP_NUM_THREADS is set already), so N runs share the
-cores instead of each starting a thread per core. A process per run also means a run that crashes,
-or is killed for memory, takes no other run with it.
+The teacher never runs: every run is an ordinary ``kdcache train`` from the same cache
+(:func:`kdcache.train.train`), into ``OUT/runs/<name>/`` where the name reads as the run's settings
+(``student_T2_a0.7_s0``). Runs go to ``parallel`` worker processes (``python -m kdcache.sweep
+--serve``), each taking one run at a time and reused for the next, so imports and the data's loading
+are paid once per worker, not once per run; each gets ``cores ÷ N`` torch threads (OMP_NUM_THREADS
+and MKL_NUM_THREADS in its environment, unless OMP_NUM_THREADS is set already), so N runs share the
+cores instead of each starting a thread per core. A worker's output during a run goes to the run's
+train.log. A run that crashes its worker, or gets it killed for memory, takes no other run with it:
+the run is recorded as failed and a fresh worker takes the next one.
 
 Everything is checked before the first run starts: each grid key must be a training setting, each
 value must parse as that setting's type and pass its check, the cache must be complete, and each
@@ -29,6 +31,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 import traceback
 import typing
@@ -313,34 +316,27 @@ def run_sweep(cfg: SweepConfig, progress: bool = True, overwrite: bool = False) 
             if run.name in finished:
                 rows[run.name] = _row(run, "reused", finished[run.name])
         todo = deque(r for r in runs if r.name not in finished)
-        env = _worker_env(cfg.parallel)
-        running: dict[subprocess.Popen, tuple[Run, float, Any]] = {}
+        workers = [_Worker(_worker_env(cfg.parallel)) for _ in range(min(cfg.parallel, len(todo)))]
         with progress_bar("runs", progress) as bar:
             task = bar.add_task(_describe_progress(counts, len(finished)), total=len(runs), completed=len(finished))
             try:
-                while todo or running:
-                    while todo and len(running) < cfg.parallel:
-                        run = todo.popleft()
-                        running[_launch(run, env, overwrite)] = (run, time.perf_counter(), None)
-                    done = [p for p in running if p.poll() is not None]
+                while todo or any(w.run is not None for w in workers):
+                    for w in workers:
+                        if w.run is None and todo:
+                            w.start(todo.popleft(), overwrite)
+                    done = [(w, code) for w in workers if w.run is not None and (code := w.poll()) is not None]
                     if not done:
                         time.sleep(0.05)
                         continue
-                    for proc in done:
-                        run, t0, _ = running.pop(proc)
-                        rows[run.name] = _collect(run, proc.returncode, time.perf_counter() - t0)
+                    for w, code in done:
+                        run, seconds = w.finish()
+                        rows[run.name] = _collect(run, code, seconds)
                         counts["failed" if rows[run.name]["status"] == "failed" else "trained"] += 1
                         bar.update(task, advance=1, description=_describe_progress(counts, len(finished)))
                         write_tables(out, _ordered(runs, rows), [k for k, _ in cfg.grid])
-            finally:  # ^C or a bug here: stop the runs under way; the finished ones stay finished
-                for proc in running:
-                    proc.terminate()
-                for proc in running:
-                    try:
-                        proc.wait(timeout=10)
-                    except subprocess.TimeoutExpired:
-                        proc.kill()
-                        proc.wait()
+            finally:  # ^C or a bug here: stop the workers; the finished runs stay finished
+                for w in workers:
+                    w.close()
         ordered = _ordered(runs, rows)
         write_tables(out, ordered, [k for k, _ in cfg.grid])
         plot_accuracy(out / "accuracy.png", ordered, sweep_axes(cfg))
@@ -414,14 +410,68 @@ def _worker_env(parallel: int) -> dict[str, str]:
     return env
 
 
-def _launch(run: Run, env: dict[str, str], overwrite: bool) -> subprocess.Popen:
-    """Start ``python -m kdcache.sweep RUN_DIR/sweep-run.json``: one training run, its output in train.log."""
-    run.dir.mkdir(parents=True, exist_ok=True)
-    spec = run.dir / WORKER_FILE
-    spec.write_text(json.dumps({"config": run.config.to_dict(), "overwrite": overwrite}, indent=2) + "\n")
-    with open(run.dir / LOG_FILE, "wb") as log:  # the child holds its own descriptor
-        return subprocess.Popen([sys.executable, "-m", "kdcache.sweep", str(spec)], stdout=log,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+class _Worker:
+    """A ``python -m kdcache.sweep --serve`` process: it reads run files (one path a line) on its
+    stdin, trains each with its output in the run's train.log, and answers each with its exit code
+    (one line) on its stdout. A worker that dies during a run is replaced for the next one."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.env = env
+        self.proc: subprocess.Popen | None = None
+        self.run: Run | None = None
+        self.t0 = 0.0
+
+    def start(self, run: Run, overwrite: bool) -> None:
+        run.dir.mkdir(parents=True, exist_ok=True)
+        spec = run.dir / WORKER_FILE
+        spec.write_text(json.dumps({"config": run.config.to_dict(), "overwrite": overwrite}, indent=2) + "\n")
+        (run.dir / LOG_FILE).write_bytes(b"")
+        if self.proc is None or self.proc.poll() is not None:
+            self.proc = subprocess.Popen([sys.executable, "-m", "kdcache.sweep", "--serve"], stdin=subprocess.PIPE,
+                                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=self.env, text=True,
+                                         bufsize=1)
+        self.proc.stdin.write(f"{spec}\n")
+        self.proc.stdin.flush()
+        self.run, self.t0 = run, time.perf_counter()
+        self._answer: list[str] = []
+        def read() -> None:
+            self._answer.append(self.proc.stdout.readline())
+
+        self._reader = threading.Thread(target=read, daemon=True)  # off the loop, which polls every worker
+        self._reader.start()
+
+    def poll(self) -> int | None:
+        """The run's exit code once it ended (a signal as a negative code), else None."""
+        if self._answer and self._answer[0].strip():
+            return int(self._answer[0])
+        code = self.proc.poll()
+        if code is None:
+            return None
+        self._reader.join(timeout=5)  # a last answer written just before the worker ended
+        if self._answer and self._answer[0].strip():
+            return int(self._answer[0])
+        return code if code != 0 else 70
+
+    def finish(self) -> tuple[Run, float]:
+        run, self.run = self.run, None
+        return run, time.perf_counter() - self.t0
+
+    def close(self) -> None:
+        if self.proc is None:
+            return
+        if self.run is None and self.proc.poll() is None:
+            self.proc.stdin.close()  # idle: it ends when its input does
+            try:
+                self.proc.wait(timeout=10)
+                return
+            except subprocess.TimeoutExpired:
+                pass
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
 
 
 def _collect(run: Run, returncode: int, seconds: float) -> dict[str, Any]:
@@ -587,5 +637,30 @@ def worker(path: str) -> int:
     return 0
 
 
+def serve() -> int:
+    """A sweep's worker process: for each run file named on stdin, train it with fds 1 and 2 in the
+    run's train.log, then answer its exit code on the original stdout."""
+    answers = os.fdopen(os.dup(1), "w", buffering=1)
+    saved = os.dup(2)
+    for line in sys.stdin:
+        path = line.strip()
+        if not path:
+            continue
+        with open(Path(path).parent / LOG_FILE, "ab") as log:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(log.fileno(), 1)
+            os.dup2(log.fileno(), 2)
+            try:
+                code = worker(path)
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os.dup2(saved, 1)
+                os.dup2(saved, 2)
+        answers.write(f"{code}\n")
+    return 0
+
+
 if __name__ == "__main__":
-    sys.exit(worker(sys.argv[1]))
+    sys.exit(serve() if sys.argv[1:] == ["--serve"] else worker(sys.argv[1]))

@@ -126,6 +126,32 @@ def test_failed_run_is_recorded_and_the_others_run(tmp_path, digits_cache, model
     assert (out / "accuracy.png").is_file()  # plotted against train loss, with no eval accuracy
 
 
+def test_a_run_that_kills_its_worker_fails_alone(tmp_path, digits_cache, models_file):
+    """Workers are reused across runs: a run that kills its worker process (as the OOM killer
+    would) is recorded as failed, and a fresh worker trains the next run."""
+    crash = tmp_path / "crash.py"
+    crash.write_text(textwrap.dedent("""
+        import os, signal
+        from torch import nn
+        class Crash(nn.Linear):
+            def forward(self, x):
+                if self.training:  # the probe before training runs in eval mode
+                    os.kill(os.getpid(), signal.SIGKILL)
+                return super().forward(x)
+        def crash():
+            return Crash(64, 10)
+    """))
+    out = tmp_path / "sweep"
+    r = run_cli("sweep", "--cache", digits_cache, "--student", f"{crash}:crash", "--student",
+                f"{models_file}:student", "--data", DATA, "--grid", "T=2", "--epochs", "1", "--parallel", "1",
+                "--out", out, "-q")
+    assert r.returncode == 1, r.stderr
+    rows = {row["run"]: row for row in _rows(out)}
+    assert rows["crash_T2_s0"]["status"] == "failed" and "signal 9" in rows["crash_T2_s0"]["error"]
+    assert rows["student_T2_s0"]["status"] == "trained"
+    assert (out / "runs" / "student_T2_s0" / "summary.json").is_file()
+
+
 def test_bad_grid_key_is_one_line(tmp_path, digits_cache, models_file):
     out = tmp_path / "sweep"
     r = run_cli("sweep", "--cache", digits_cache, "--student", f"{models_file}:student", "--data", DATA,
