@@ -18,9 +18,11 @@ Decided once, before training, from the flags and the caches (every bad input is
   table once (DuckDB for the predicate) into arrays indexed by dataset item: which rows keep the
   soft term, which rows count at all, which label a row trains on.
 
-A row without its soft term keeps its CE term with the usual weight ``1 - α``; ``loss/kd`` is then
-the mean over all the batch's rows, 0 for those rows, so ``train_loss = (1-α)·loss/ce +
-α·loss/kd`` still holds.
+A row without its soft term counts its CE with weight 1, as at α = 0 (its label is all it learns
+from; with the usual ``1 - α`` the novel classes of partial KD fell below labels-only training):
+inside ``loss/ce`` such a row is weighted ``1 / (1 - α)``. ``loss/kd`` is the mean over all the
+batch's rows, 0 for those rows, so ``train_loss = (1-α)·loss/ce + α·loss/kd`` still holds. At
+α = 1 there is no CE term, and such rows teach nothing.
 """
 
 from __future__ import annotations
