@@ -85,6 +85,9 @@ def detect_world(environ: Mapping[str, str] = os.environ) -> World:
         if not environ.get(name):
             raise ConfigError(f"environment variable WORLD_SIZE={size} without {name}, so the ranks cannot meet; "
                               "launch DDP runs with torchrun, or unset WORLD_SIZE")
+    if not 0 < (_env_int(environ, "MASTER_PORT", 0) or 0) < 65536:  # port 0 would wait for ranks that never come
+        raise ConfigError(f"environment variable MASTER_PORT={environ['MASTER_PORT']}: expected a port in 1..65535; "
+                          "give torchrun --master-port PORT, or --standalone to pick a free one")
     return World(rank, size, rank if local is None else local)
 
 

@@ -197,7 +197,7 @@ def _restore(run: _Run, saved: dict[str, Any]) -> None:
         term.projector.load_state_dict(state)
     run.optimizer.load_state_dict(saved["optimizer"])
     run.scheduler.load_state_dict(saved["scheduler"])
-    run.dataset.load_state_dict(saved["loader"])
+    run.dataset.load_state_dict({**saved["loader"], "rank": run.world.rank})  # the ranks step in lockstep
     run.state = _State(step=saved["step"], history=list(saved["history"]), seconds=saved["seconds"])
     if saved["sums"] is not None:  # stopped mid-epoch: rank 0 carries the sums of all ranks so far
         s = saved["sums"]
