@@ -317,7 +317,9 @@ def _train_epoch(epoch: int, run: _Run, model: torch.nn.Module, tap: "FeatureTap
     loss_sum, term_sums, rows = _global(sums, run.world)
     record = {"epoch": epoch, "train_loss": mean}
     record.update(zip(objective.keys, (v / max(rows, 1) for v in term_sums.tolist())))
-    record.update({"rows": rows, "lr": run.optimizer.param_groups[0]["lr"]})
+    record["rows"] = rows
+    if cfg.lr_schedule != "constant" or cfg.warmup_steps:  # the rate the next step would take
+        record["lr"] = run.optimizer.param_groups[0]["lr"]
     if cfg.clip_grad is not None:
         record["grad_norm_max"] = float(sums.grad_max)  # the same on every rank: gradients are averaged first
     record["seconds"] = round(sums.seconds + time.perf_counter() - t_epoch, 4)
