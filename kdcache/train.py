@@ -314,7 +314,7 @@ def _train_epoch(epoch: int, run: _Run, model: torch.nn.Module, tap: "FeatureTap
             _save(run, out, sums, t0)
     mean = _mean_loss(sums, run.world, epoch, sums.checked + 1, step, cfg)
     bar.update(task, description=_progress_text(epoch, cfg, mean))
-    loss_sum, term_sums, rows = _global(sums, run.world)
+    _, term_sums, rows = _global(sums, run.world)
     record = {"epoch": epoch, "train_loss": mean}
     record.update(zip(objective.keys, (v / max(rows, 1) for v in term_sums.tolist())))
     record["rows"] = rows

@@ -28,7 +28,7 @@ def _metrics(out):
 
 
 def test_cosine_with_warmup_at_known_steps():
-    f = lambda s: lr_factor(s, "cosine", warmup=4, total=20)  # noqa: E731
+    f = lambda s: lr_factor(s, "cosine", warmup=4, total=20)
     assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]  # linear warmup, never 0
     assert f(4) == 1.0 and math.isclose(f(12), 0.5) and f(20) == 0.0  # half way: half; after the last step: 0
     assert math.isclose(f(8), 0.5 * (1 + math.cos(math.pi / 4)))
