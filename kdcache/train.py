@@ -271,7 +271,7 @@ def _train_epoch(epoch: int, run: _Run, model: torch.nn.Module, tap: "FeatureTap
     state.sums = sums
     first = run.dataset.position  # batches of this epoch done before a resume
     step = first
-    for step, batch in enumerate(run.loader, first + 1):
+    for step, batch in enumerate(_batches(run.loader), first + 1):
         at = f"in epoch {epoch}, step {step}"
         if objective.ce:  # the hard term reads the labels
             _check_labels(batch["label"], batch["index"], run.classes, "--data")
@@ -325,6 +325,23 @@ def _train_epoch(epoch: int, run: _Run, model: torch.nn.Module, tap: "FeatureTap
     record["seconds"] = round(sums.seconds + time.perf_counter() - t_epoch, 4)
     state.sums = None
     return record
+
+
+def _batches(loader):
+    """The loader's batches, leaving torch's global random state as it was: a DataLoader with
+    workers draws its workers' base seed from it when its iterator starts (the first epoch, and
+    again after a resume), which would make dropout depend on --num-workers and on resuming. The
+    batches themselves draw nothing (their order is a pure function of the seed and epoch)."""
+    state = torch.get_rng_state()
+    batches = iter(loader)
+    try:
+        first = next(batches)  # the iterator starts here
+    except StopIteration:
+        return
+    finally:
+        torch.set_rng_state(state)
+    yield first
+    yield from batches
 
 
 def _global(sums: _Sums, world: World) -> tuple[torch.Tensor, torch.Tensor, int]:

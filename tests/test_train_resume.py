@@ -63,15 +63,16 @@ def _without_seconds(records):
     return [{k: v for k, v in r.items() if k != "seconds"} for r in records]
 
 
-@pytest.mark.parametrize("stop_at, save_every, resumed_from", [
-    (33, 7, 28),  # mid-epoch 2: the last save was the step-28 one
-    (45, None, 40),  # epoch 3: from the end of epoch 2
+@pytest.mark.parametrize("stop_at, save_every, resumed_from, workers", [
+    (33, 7, 28, 0),  # mid-epoch 2: the last save was the step-28 one
+    (45, None, 40, 0),  # epoch 3: from the end of epoch 2
+    (33, 7, 28, 1),  # a DataLoader worker reads the batches: the same student as without (straight: no worker)
 ])
 def test_a_stopped_and_resumed_run_is_the_uninterrupted_run(tmp_path, monkeypatch, students, digits_cache, stop_at,
-                                                            save_every, resumed_from):
+                                                            save_every, resumed_from, workers):
     straight = train(_cfg(students, digits_cache, tmp_path / "straight", save_every=save_every), progress=False)
     out = tmp_path / "stopped"
-    cfg = _cfg(students, digits_cache, out, save_every=save_every)
+    cfg = _cfg(students, digits_cache, out, save_every=save_every, num_workers=workers)
     monkeypatch.setenv("KDCACHE_TEST_STOP_AT", str(stop_at))
     with pytest.raises(KeyboardInterrupt):
         train(cfg, progress=False)
