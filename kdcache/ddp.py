@@ -143,6 +143,27 @@ def agree(world: World, error: BaseException | None, device: torch.device) -> No
                            "checks (its error is printed above)")
 
 
+# What a collective raises when a peer went away (its process died, or it raised and left).
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "NCCL communicator was aborted",
+              "NCCL error", "Timed out", "timed out")
+
+
+@contextlib.contextmanager
+def peers_watched(world: World) -> Iterator[None]:
+    """Turn a collective's failure because another rank stopped (its own error is printed by
+    that rank) into a one-line KDCacheError instead of a transport error that looks like a bug."""
+    try:
+        yield
+    except RuntimeError as e:
+        text = str(e)
+        if not world.distributed or not (isinstance(e, getattr(dist, "DistError", ())) or
+                                         any(marker in text for marker in _PEER_GONE)):
+            raise
+        first = text.strip().splitlines()[0][:200] if text.strip() else type(e).__name__
+        raise KDCacheError(f"rank {world.rank} stopped: another rank stopped during training (its error is printed "
+                           f"above; here: {first})") from None
+
+
 def reduce_sum(tensor: torch.Tensor, world: World) -> torch.Tensor:
     """``tensor`` summed over the ranks (a new tensor; ``tensor`` itself when there is one process)."""
     if not world.distributed:

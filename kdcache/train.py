@@ -43,7 +43,8 @@ import kdcache
 from kdcache import checkpoint as ckpt
 from kdcache.capture.outputs import to_device
 from kdcache.config import TrainConfig
-from kdcache.ddp import World, agree, average_grads, detect_world, gather, pick_rank_device, process_group, reduce_sum
+from kdcache.ddp import (World, agree, average_grads, detect_world, gather, peers_watched, pick_rank_device,
+                         process_group, reduce_sum)
 from kdcache.errors import ConfigError, DataError, NonFiniteLossError
 from kdcache.features import FeatureTap
 from kdcache.fingerprint import teacher_fingerprint
@@ -133,7 +134,8 @@ def train(cfg: TrainConfig, progress: bool = True, overwrite: bool = False,
         except Exception as e:  # noqa: BLE001 - every rank reports, then all stop together
             error = e
         agree(world, error, device)
-        return _loop(run, out, t0, progress and world.main)
+        with peers_watched(world):
+            return _loop(run, out, t0, progress and world.main)
 
 
 def _prepare(cfg: TrainConfig, world: World, device: torch.device, overwrite: bool, resume: bool) -> _Run:

@@ -27,7 +27,8 @@ STUDENTS = textwrap.dedent(
 
     class Recording(nn.Module):
         '''Appends every training batch it sees to KDCACHE_TEST_ROWS/rank<RANK>.bin (float32), and
-        raises KeyboardInterrupt at its training forward number KDCACHE_TEST_STOP_AT, if set.'''
+        raises KeyboardInterrupt at its training forward number KDCACHE_TEST_STOP_AT, if set (on rank
+        KDCACHE_TEST_STOP_RANK only, if set).'''
         def __init__(self):
             super().__init__()
             self.net = nn.Sequential(nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))
@@ -36,7 +37,8 @@ STUDENTS = textwrap.dedent(
         def forward(self, x):
             if self.training:
                 self.calls += 1
-                if self.calls == int(os.environ.get("KDCACHE_TEST_STOP_AT", "0")):
+                if self.calls == int(os.environ.get("KDCACHE_TEST_STOP_AT", "0")) and \
+                        os.environ["RANK"] == os.environ.get("KDCACHE_TEST_STOP_RANK", os.environ["RANK"]):
                     raise KeyboardInterrupt
                 folder = os.environ.get("KDCACHE_TEST_ROWS")
                 if folder:
@@ -103,8 +105,13 @@ def test_two_ranks_read_every_row_once_an_epoch_and_rank_0_writes(straight):
 
 def test_a_stopped_ddp_run_resumes_from_the_one_checkpoint(tmp_path, straight, students, digits_cache):
     out = tmp_path / "run"
-    r = torchrun(students, digits_cache, out, env={"KDCACHE_TEST_STOP_AT": "16"})  # both ranks, as ^C would
+    # ^C on rank 1 alone: rank 0, waiting for it in the step's gradient reduction, stops too (no hang)
+    r = torchrun(students, digits_cache, out, env={"KDCACHE_TEST_STOP_AT": "16", "KDCACHE_TEST_STOP_RANK": "1"})
     assert r.returncode != 0 and "run the same command with --resume" in r.stderr, r.stderr
+    # rank 0 says so in one line (unless torchrun's SIGTERM came first), never as a kdcache bug
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert all(line.startswith("error: rank 0 stopped: another rank stopped during training") for line in errors), \
+        errors
     assert not (out / "summary.json").exists() and not (out / "run.lock").exists()
     assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 14  # --save-every 7, mid-epoch 2
     r = torchrun(students, digits_cache, out, "--resume")
