@@ -127,15 +127,22 @@ def train(cfg: TrainConfig, progress: bool = True, overwrite: bool = False,
         raise ConfigError("--resume continues an unfinished run, --overwrite replaces a finished one: give one of them")
     device = pick_rank_device(cfg.device, world)
     with process_group(world, device), contextlib.ExitStack() as stack:
-        try:
-            run = _prepare(cfg, world, device, overwrite, resume)
-            out = stack.enter_context(RunDir(cfg.out, overwrite, resume)) if world.main else None
-            error = None
-        except Exception as e:  # noqa: BLE001 - every rank reports, then all stop together
-            error = e
-        agree(world, error, device)
+        run = _agreed(world, device, lambda: _prepare(cfg, world, device, overwrite, resume))
+        # only now that every rank's input passed: rank 0 creates and locks --out (the others wait)
+        out = _agreed(world, device, lambda: stack.enter_context(RunDir(cfg.out, overwrite, resume))
+                      if world.main else None)
         with peers_watched(world):
             return _loop(run, out, t0, progress and world.main)
+
+
+def _agreed(world: World, device: torch.device, step):
+    """``step()`` on every rank; when it failed on any, all ranks stop (:func:`kdcache.ddp.agree`)."""
+    try:
+        result, error = step(), None
+    except Exception as e:  # noqa: BLE001 - every rank reports, then all stop together
+        result, error = None, e
+    agree(world, error, device)
+    return result
 
 
 def _prepare(cfg: TrainConfig, world: World, device: torch.device, overwrite: bool, resume: bool) -> _Run:
