@@ -77,7 +77,8 @@ def friendly(fn):
 
 INTERRUPTED = {
     "dump": "interrupted: committed chunks are kept; run the same command again to resume",
-    "train": "interrupted: the run did not finish (no summary.json); run it again to start over",
+    "train": "interrupted: the run did not finish (no summary.json); run the same command with --resume to continue "
+             "from its last checkpoint (checkpoint.pt), or without it to start over",
 }
 
 
@@ -316,10 +317,29 @@ def train(
     disagreement: str = typer.Option("keep", help="Rows whose teacher top-1 differs from their label: keep (as any "
                                      "row), drop-kd (CE only), drop-row (no loss at all), trust-teacher (train on the "
                                      "teacher's top-1 as the label)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the unfinished run in --out from its last "
+                                "checkpoint.pt, into the same student an uninterrupted run gives; refused when a "
+                                "setting that changes the result differs. Without it an unfinished run is started "
+                                "over."),
+    save_every: Optional[int] = typer.Option(None, help="Also save checkpoint.pt every N optimizer steps (it is "
+                                             "always saved at the end of each epoch)."),
+    lr_schedule: str = typer.Option("constant", help="Learning rate after the warmup: constant (--lr) or cosine "
+                                    "(from --lr to 0 at the run's last step)."),
+    warmup_steps: int = typer.Option(0, help="Optimizer steps of linear warmup: step s < N runs at --lr·(s+1)/N."),
+    clip_grad: Optional[float] = typer.Option(None, help="Clip the gradients' total norm (student and projectors) "
+                                              "to this before each step; off by default."),
+    precision: str = typer.Option("fp32", help="fp32, or bf16: the student's forward and the loss under "
+                                  "torch.autocast to bfloat16 (CUDA; on CPU it works but is rarely faster)."),
+    tensorboard: Optional[bool] = typer.Option(None, "--tensorboard/--no-tensorboard", help="Also write scalars "
+                                               "to --out/tensorboard/ (default: on when the tensorboard package "
+                                               "is installed). metrics.jsonl is always written."),
     quiet: bool = QuietOpt,
     config: Optional[Path] = ConfigOpt,
 ):
     """Train a student from a cache (the teacher does not run).
+
+    Under torchrun (`torchrun --nproc-per-node N -m kdcache train ...`) it trains with DDP: each
+    rank reads its own share of the rows, --batch-size is per rank, rank 0 writes --out.
 
     Loss: (1-α)·CE + α·T²·KL + Σ WEIGHT·feature terms + RKD terms; KD only when the cache holds
     response targets, CE only when α < 1 and the data has labels."""
@@ -327,7 +347,7 @@ def train(
     from kdcache.train import train as run_train
 
     p = _params(ctx, config, "student", "out")
-    quiet, overwrite = p.pop("quiet"), p.pop("overwrite")
+    quiet, overwrite, resume = p.pop("quiet"), p.pop("overwrite"), p.pop("resume")
     caches = list(p.pop("cache") or [])  # --cache A --cache B: the first drives the order, the rest join it
     p["cache"], p["extra_caches"] = (caches[0] if caches else None), tuple(caches[1:])
     p["teacher_calibration"] = tuple(p["teacher_calibration"] or ())
@@ -335,7 +355,9 @@ def train(
     if p.get("cache_root") is None and os.environ.get("KDCACHE_HOME") and _looks_like_key(p.get("cache")):
         p["cache_root"] = os.environ["KDCACHE_HOME"]  # --cache KEY with $KDCACHE_HOME: a key there
     cfg = TrainConfig(**p)
-    summary = run_train(cfg, progress=not quiet, overwrite=overwrite)
+    summary = run_train(cfg, progress=not quiet, overwrite=overwrite, resume=resume)
+    if summary is None:  # a DDP rank other than 0: rank 0 reports
+        return
     final = summary["final"]
     line = f"trained {summary['epochs']} epochs in {summary['seconds']:.1f} s: train_loss {final['train_loss']:.4f}"
     if summary.get("eval_accuracy") is not None:

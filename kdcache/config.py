@@ -12,6 +12,8 @@ DEVICES = ("auto", "cpu", "cuda")
 FEATURE_LOSSES = ("mse", "cosine")
 ORDERS = ("shuffled", "dataset")
 DATA_CHECKS = ("sampled", "full")
+LR_SCHEDULES = ("constant", "cosine")
+PRECISIONS = ("fp32", "bf16")
 
 
 def _positive(flag: str, value: Any) -> None:
@@ -198,9 +200,17 @@ class TrainConfig:
     class_map: str | None = None  # FILE.json or "S:T,S:T,...": student class -> teacher class (partial KD)
     kd_where: str | None = None  # SQL predicate over the per-row table: rows where false get CE only
     disagreement: str = "keep"  # rows whose teacher top-1 is not their label: keep, drop-kd, drop-row, trust-teacher
+    # the optimizer's schedule and step, the run's precision, logging and checkpoints (kdcache.train)
+    lr_schedule: str = "constant"  # constant or cosine (to 0 at the run's last step), after the warmup
+    warmup_steps: int = 0  # steps of linear warmup from --lr / N to --lr
+    clip_grad: float | None = None  # clip the gradient's total norm to this (None: off)
+    precision: str = "fp32"  # fp32, or bf16: the forward and loss under torch.autocast
+    tensorboard: bool | None = None  # scalars to --out/tensorboard; None: on when tensorboard is installed
+    save_every: int | None = None  # also save checkpoint.pt every N steps (always at each epoch's end)
 
     def __post_init__(self) -> None:
         _text_settings(self)
+        self._run_settings()
         if self.feature_map is None:
             object.__setattr__(self, "feature_map", ())
         if isinstance(self.feature_map, str):
@@ -270,6 +280,19 @@ class TrainConfig:
         if self.extra_caches:
             raise ConfigError("--follow follows one cache while it is dumped; several --cache (teachers) are read "
                               "complete: leave out --follow, or give one --cache")
+
+    def _run_settings(self) -> None:
+        """--lr-schedule, --warmup-steps, --clip-grad, --precision, --tensorboard, --save-every."""
+        _choice("--lr-schedule", self.lr_schedule, LR_SCHEDULES)
+        if not isinstance(self.warmup_steps, int) or isinstance(self.warmup_steps, bool) or self.warmup_steps < 0:
+            raise ConfigError(f"--warmup-steps must be 0 or more, got {self.warmup_steps!r}")
+        if self.clip_grad is not None and not (_finite(self.clip_grad) and self.clip_grad > 0):
+            raise ConfigError(f"--clip-grad must be a norm > 0, got {self.clip_grad!r}")
+        _choice("--precision", self.precision, PRECISIONS)
+        if self.tensorboard is not None and not isinstance(self.tensorboard, bool):
+            raise ConfigError(f"--tensorboard must be true or false, got {self.tensorboard!r}")
+        if self.save_every is not None:
+            _positive("--save-every", self.save_every)
 
     def feature_maps(self) -> list[FeatureMap]:
         """--feature-map, parsed."""

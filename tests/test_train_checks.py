@@ -188,17 +188,21 @@ def metrics(out: Path) -> list[dict]:
     return [strict_json(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-# --- a single process ---------------------------------------------------------------------------
+# --- one process, or the ranks torchrun started ---------------------------------------------
 @pytest.mark.parametrize("env, named", [
-    ({"WORLD_SIZE": "2"}, "WORLD_SIZE=2"),
-    ({"RANK": "1"}, "RANK=1"),
+    ({"WORLD_SIZE": "2"}, "WORLD_SIZE=2 without RANK; launch DDP runs with torchrun"),
+    ({"RANK": "1"}, "RANK=1 without WORLD_SIZE > 1"),
     ({"WORLD_SIZE": "two"}, "WORLD_SIZE: expected an integer, got 'two' instead"),
     ({"WORLD_SIZE": "1", "RANK": ""}, "RANK: expected an integer, got '' instead"),
+    ({"WORLD_SIZE": "2", "RANK": "2"}, "RANK=2: expected a rank in 0..1"),
+    ({"WORLD_SIZE": "2", "RANK": "1"}, "WORLD_SIZE=2 without MASTER_ADDR, so the ranks cannot meet"),
+    ({"WORLD_SIZE": "2", "RANK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "0"},
+     "MASTER_PORT=0: expected a port in 1..65535"),
 ])
-def test_a_stray_world_size_or_rank_is_refused_first(run, tmp_path, env, named):
+def test_a_stray_or_broken_launch_environment_is_refused_first(run, tmp_path, env, named):
     result = run(None, "--cache", tmp_path / "no-such-cache", env=env)  # a bad --cache: the env is checked first
     line = error_line(result, code=2)
-    assert named in line and "unset it, DDP training is not supported yet" in line
+    assert named in line
     assert not (tmp_path / "run").exists()
 
 
@@ -213,8 +217,31 @@ def test_world_size_in_a_real_process(tmp_path, monkeypatch, models_file, digits
     r = run_cli("train", "-q", "--cache", digits_cache, "--data", DATA, "--student", f"{models_file}:student",
                 "--out", tmp_path / "run")
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
-    assert r.stderr.startswith("error: environment variable WORLD_SIZE=4") and len(r.stderr.splitlines()) == 1
+    assert r.stderr.startswith("error: environment variable WORLD_SIZE=4 without RANK") and len(r.stderr.splitlines()) == 1
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("world, batch_size, drop_last, refused", [
+    (2, 37, False, False),  # 629 rows each: 17 batches each
+    (4, 157, False, True),  # 314 or 315 rows: 2 batches on some ranks, 3 on others
+    (4, 157, True, False),  # --drop-last: 314 rows each, 2 whole batches
+])
+def test_ranks_with_different_numbers_of_batches_are_refused(digits_cache, world, batch_size, drop_last, refused):
+    import kdcache
+    from kdcache.ddp import World
+    from kdcache.loader import CacheDataset
+    from kdcache.train import _check_batches
+
+    cfg = TrainConfig(student="m.py:s", data=DATA, cache=str(digits_cache), out="run", batch_size=batch_size,
+                      drop_last=drop_last)
+    dataset = CacheDataset(kdcache.open(digits_cache), None, batch_size=batch_size, rank=0, world=world,
+                           drop_last=drop_last)
+    if not refused:
+        _check_batches(dataset, cfg, World(0, world))
+        return
+    with pytest.raises(ConfigError, match=r"--batch-size 157: 1258 rows split over 4 ranks give 2 batches on some "
+                                          r"ranks and 3 on others .* pass --drop-last"):
+        _check_batches(dataset, cfg, World(0, world))
 
 
 # --- the student --------------------------------------------------------------------------------
@@ -392,8 +419,8 @@ def test_a_finished_run_holds_its_files_whole_and_no_lock(run, tmp_path):
     result = run(None, "--epochs", "2", "--eval-data", EVAL)
     assert result.exit_code == 0, result.output
     out = tmp_path / "run"
-    assert sorted(p.name for p in out.iterdir()) == ["metrics.jsonl", "student.pt", "summary.json"]
-    assert [m["epoch"] for m in metrics(out)] == [1, 2]
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.jsonl", "student.pt", "summary.json", "tensorboard"]
+    assert [m["epoch"] for m in metrics(out)] == [1, 2]  # and no checkpoint.pt: the run finished
     assert set(torch.load(out / "student.pt", weights_only=True)) == {"0.weight", "0.bias", "2.weight", "2.bias"}
 
 
@@ -440,5 +467,6 @@ def test_overwriting_then_failing_leaves_nothing_that_looks_finished(run, tmp_pa
     assert run(None, "--epochs", "2").exit_code == 0
     line = error_line(run("students.py:diverges_at_25", "--epochs", "2", "--overwrite", "--log-every", "5"))
     assert "epoch 2" in line and "steps 1..5" in line
-    assert sorted(p.name for p in out.iterdir()) == ["metrics.jsonl"]  # no summary, no old student
+    # no summary, no old student: the new run's first epoch and its checkpoint (and scalars)
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "metrics.jsonl", "tensorboard"]
     assert [m["epoch"] for m in metrics(out)] == [1]  # the new run's first epoch, whole

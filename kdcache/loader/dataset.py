@@ -178,6 +178,7 @@ class CacheDataset(IterableDataset):
             self._check_follow(follow)
         self.follow = None if follow is None else float(follow)
         self._settled = not isinstance(source, Cache) or source.complete  # every chunk committed
+        self.following = False  # the epoch under way draws units as their chunks commit
         self.tokens = isinstance(source, Cache) and source.manifest.sequences is not None
         if self.tokens:  # a unit is a sequence: its rows are its tokens
             self._offsets = source.sequence_array("offsets")
@@ -276,7 +277,8 @@ class CacheDataset(IterableDataset):
         if info is None:
             self._begin()
         self.source.check_generation()  # an overwritten cache stops here, at the epoch's start
-        if self.follow is not None and not self.settled():
+        self.following = self.follow is not None and not self.settled()
+        if self.following:
             if info is not None:
                 raise RuntimeError("CacheDataset(follow=...) reads in the main process only: use num_workers=0")
             yield from self._follow_epoch()
