@@ -68,9 +68,14 @@ class DumpConfig:
     text_column: str = "text"
     label_column: str | None = None
     max_length: int | None = None
+    # distributed dump (kdcache.distributed): None runs in this process; local:N starts N Dask worker
+    # processes here; tcp://HOST:PORT (or tls://) uses a running Dask scheduler's workers
+    scheduler: str | None = None
 
     def __post_init__(self) -> None:
         _text_settings(self)
+        if self.scheduler is not None:
+            parse_scheduler(self.scheduler)
         from kdcache.features import parse_features
 
         if isinstance(self.features, str):  # one layer, as a TOML string
@@ -83,6 +88,9 @@ class DumpConfig:
             _positive("--chunk-rows", self.chunk_rows)
         if not isinstance(self.num_workers, int) or self.num_workers < 0:
             raise ConfigError(f"--num-workers must be 0 or more, got {self.num_workers!r}")
+        if self.scheduler is not None and self.num_workers:
+            raise ConfigError("--num-workers: with --scheduler each Dask worker loads its batches in a thread (a Dask "
+                              "worker process cannot start DataLoader processes); leave --num-workers out")
         _choice("--order", self.order, ORDERS)
         if not isinstance(self.order_seed, int) or isinstance(self.order_seed, bool) or not 0 <= self.order_seed < 2**63:
             raise ConfigError(f"--order-seed must be an integer in [0, 2**63), got {self.order_seed!r}")
@@ -246,6 +254,28 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+SCHEDULER_SCHEMES = ("tcp", "tls")
+
+
+def parse_scheduler(text: Any) -> tuple[str, int | str]:
+    """``--scheduler``: ``("local", N)`` for ``local:N``, or ``("address", "tcp://HOST:PORT")``."""
+    usage = "expected local:N (N worker processes on this machine) or tcp://HOST:PORT (a Dask scheduler)"
+    if not isinstance(text, str) or not text.strip():
+        raise ConfigError(f"--scheduler: {usage}, got {text!r} instead")
+    text = text.strip()
+    if text.startswith("local:"):
+        n = text.removeprefix("local:")
+        if not n.isdigit() or int(n) < 1:
+            raise ConfigError(f"--scheduler {text}: {usage} (N a positive integer)")
+        return "local", int(n)
+    scheme, sep, rest = text.partition("://")
+    host, colon, port = rest.rpartition(":")
+    if not sep or scheme not in SCHEDULER_SCHEMES or not colon or not host or not port.isdigit() \
+            or not 0 < int(port) < 65536:
+        raise ConfigError(f"--scheduler {text}: {usage}")
+    return "address", text
 
 
 def pick_device(device: str):
