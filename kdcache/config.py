@@ -88,6 +88,9 @@ class DumpConfig:
             _positive("--chunk-rows", self.chunk_rows)
         if not isinstance(self.num_workers, int) or self.num_workers < 0:
             raise ConfigError(f"--num-workers must be 0 or more, got {self.num_workers!r}")
+        if self.scheduler is not None and isinstance(self.out, str) and self.out.startswith("memory://"):
+            raise ConfigError(f"--out {self.out}: a memory:// store lives in this process, where Dask workers cannot "
+                              "write; with --scheduler give a shared folder or an object store URL (s3://...)")
         if self.scheduler is not None and self.num_workers:
             raise ConfigError("--num-workers: with --scheduler each Dask worker loads its batches in a thread (a Dask "
                               "worker process cannot start DataLoader processes); leave --num-workers out")

@@ -97,6 +97,8 @@ def test_scheduler_flag_is_parsed_and_bad_values_name_it():
             parse_scheduler(bad)
     with pytest.raises(ConfigError, match="--num-workers"):
         DumpConfig(teacher="t.py:t", data="d.py:d", out="o", scheduler="local:2", num_workers=2)
+    with pytest.raises(ConfigError, match="memory://"):
+        DumpConfig(teacher="t.py:t", data="d.py:d", out="memory://c.zarr", scheduler="local:2")
 
 
 def test_failed_task_keeps_commits_and_same_command_resumes_to_identical_cache(tmp_path, teacher_file, reference,

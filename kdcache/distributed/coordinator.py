@@ -64,8 +64,13 @@ def connect(scheduler: str) -> Iterator[Cluster]:
     kind, value = parse_scheduler(scheduler)
     distributed = _distributed()
     if kind == "local":
-        local = distributed.LocalCluster(n_workers=value, threads_per_worker=1, processes=True,
-                                         dashboard_address=None, silence_logs=logging.ERROR)
+        try:
+            local = distributed.LocalCluster(n_workers=value, threads_per_worker=1, processes=True,
+                                             dashboard_address=None, silence_logs=logging.ERROR)
+        except Exception as e:  # noqa: BLE001 - e.g. a script without `if __name__ == "__main__":`
+            raise ConfigError(f"--scheduler {scheduler}: could not start {value} Dask worker processes: "
+                              f"{_one_line(e)} (from a Python script: call dump() under "
+                              "`if __name__ == \"__main__\":`)") from None
         cluster = Cluster(distributed.Client(local), local)
     else:
         _reachable(value)

@@ -128,8 +128,10 @@ class Writer:
         loc = location(url)
         found = survey(loc).manifest
         if found is None or found.generation != manifest.generation or found.complete:
-            raise StoreError(f"--out {loc.url!r}: no longer the dump this task belongs to (generation "
-                             f"{manifest.generation}); it was overwritten, completed or removed meanwhile")
+            seen = "nothing" if found is None else f"generation {found.generation} ({found.status})"
+            raise StoreError(f"--out {loc.url!r}: a worker sees {seen} there, not the dump it was given (generation "
+                             f"{manifest.generation}, writing): the path must be one every worker shares (a shared "
+                             "file system or an object store URL), and not overwritten or completed meanwhile")
         writer = cls(loc, manifest, lock=None, created=False)
         writer._read_layouts(manifest.arrays)
         return writer
