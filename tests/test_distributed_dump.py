@@ -168,3 +168,58 @@ def test_unreachable_scheduler_is_one_line_and_writes_nothing(tmp_path, teacher_
     lines = got.output.strip().splitlines()
     assert len(lines) == 1 and "--scheduler tcp://127.0.0.1:1" in lines[0] and "Traceback" not in got.output
     assert not out.exists()
+
+
+LM = textwrap.dedent(
+    """
+    import torch
+    from torch import nn
+
+    V = 50
+
+    class TinyLM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.emb = nn.Embedding(V, 16)
+            self.out = nn.Linear(16, V)
+
+        def forward(self, input_ids, attention_mask=None):
+            return self.out(torch.tanh(self.emb(input_ids).cumsum(1)))  # (B, L, V)
+
+    def teacher():
+        return TinyLM()
+
+    def data():
+        g = torch.Generator().manual_seed(1)
+        lengths = torch.randint(3, 40, (120,), generator=g).tolist()
+        return [{"input_ids": torch.randint(0, V, (n,), generator=g)} for n in lengths]
+    """
+)
+
+
+def test_token_data_distributed_equals_single_process_and_pooled_features_are_refused(tmp_path, cluster):
+    """Sequences span chunks (a chunk's steps start mid-sequence): still the single-process bytes."""
+    import torch
+
+    (tmp_path / "lm.py").write_text(LM)
+
+    def cfg(out, **kw):
+        return DumpConfig(teacher=f"{tmp_path}/lm.py:teacher", data=f"{tmp_path}/lm.py:data", out=str(out),
+                          chunk_rows=256, batch_size=8, logits="topk:8", store_inputs=True, **kw)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        single = dump(cfg(tmp_path / "one.zarr"), progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert single.manifest.num_chunks > 4
+    dist = dump(cfg(tmp_path / "dist.zarr", scheduler=cluster.scheduler_address), progress=False)
+    assert dist.rows == single.rows
+    assert_same_cache(str(tmp_path / "one.zarr"), str(tmp_path / "dist.zarr"))
+
+    with pytest.raises(ConfigError, match="--scheduler: pooled --features"):
+        dump(cfg(tmp_path / "pooled.zarr", scheduler=cluster.scheduler_address, features=("emb:mean",)),
+             progress=False)
+    assert not (tmp_path / "pooled.zarr").exists()

@@ -100,6 +100,9 @@ def _dump(cfg: DumpConfig, progress: bool, t0: float, cluster) -> DumpResult:
         if cluster is not None and any(a.computed for a in arrays):
             raise ConfigError("--scheduler: pooled --features of token data are gathered across chunks, which one "
                               "process must do; dump this cache without --scheduler (or keep POOL none)")
+        if cluster is not None and device.type == "cuda":  # the workers run the teacher: free this GPU for them
+            teacher.to("cpu")
+            torch.cuda.empty_cache()
         manifest = Manifest(
             rows=layout.rows, chunk_rows=_chunk_rows(cfg, _row_bytes(arrays, layout.rows), layout.rows, existing),
             order=order, sequences=layout.sequences,
@@ -131,7 +134,7 @@ def _dump(cfg: DumpConfig, progress: bool, t0: float, cluster) -> DumpResult:
             else:
                 from kdcache.distributed.coordinator import run_chunks
 
-                run_chunks(cluster, cfg, writer.manifest, pending, progress)
+                run_chunks(cluster, cfg, writer.manifest, pending, progress, "tokens" if layout.token else "samples")
             manifest = writer.finalize()
         except BaseException as e:
             raise _kept(e, writer.abandon(), layout.rows, cfg.out) from None

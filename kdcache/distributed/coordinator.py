@@ -98,7 +98,8 @@ def workers(cluster: Cluster) -> int:
     return len(cluster.client.scheduler_info(n_workers=-1).get("workers", {}))
 
 
-def run_chunks(cluster: Cluster, cfg: DumpConfig, manifest: Manifest, pending: list[int], show: bool) -> None:
+def run_chunks(cluster: Cluster, cfg: DumpConfig, manifest: Manifest, pending: list[int], show: bool,
+               unit: str = "samples") -> None:
     """Compute ``pending`` chunks on the cluster's workers; returns when every task committed.
 
     The first task error stops the run: the other tasks are cancelled (and a local cluster's
@@ -114,7 +115,7 @@ def run_chunks(cluster: Cluster, cfg: DumpConfig, manifest: Manifest, pending: l
     futures = {client.submit(dump_chunks, task_cfg, doc, group, key=f"kdcache-{manifest.generation}-{group[0]}",
                              retries=RETRIES, pure=False): group for group in groups}
     todo = sum(b - a for a, b in map(manifest.chunk_bounds, pending))
-    with progress_bar("samples", show) as bar:
+    with progress_bar(unit, show) as bar:
         task = bar.add_task(f"dump ({workers(cluster)} workers)", total=manifest.rows,
                             completed=manifest.rows - todo)
         try:
