@@ -223,3 +223,14 @@ def test_token_data_distributed_equals_single_process_and_pooled_features_are_re
         dump(cfg(tmp_path / "pooled.zarr", scheduler=cluster.scheduler_address, features=("emb:mean",)),
              progress=False)
     assert not (tmp_path / "pooled.zarr").exists()
+
+
+def test_scheduler_without_workers_is_refused_before_anything_is_written(tmp_path, teacher_file, monkeypatch):
+    from kdcache.distributed import coordinator
+
+    monkeypatch.setattr(coordinator, "WORKER_WAIT_SECONDS", 1)
+    out = tmp_path / "never.zarr"
+    with distributed.LocalCluster(n_workers=0, processes=True, dashboard_address=None) as empty:
+        with pytest.raises(ConfigError, match="has no workers"):
+            dump(config(teacher_file, out, scheduler=empty.scheduler_address), progress=False)
+    assert not out.exists()

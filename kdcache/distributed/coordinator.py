@@ -29,6 +29,7 @@ from kdcache.progress import progress_bar
 from kdcache.store.schema import Manifest
 
 CONNECT_SECONDS = 10  # to reach a --scheduler tcp://... (a refused connection fails at once)
+WORKER_WAIT_SECONDS = 60  # for a first worker to join a --scheduler tcp://... that has none
 RETRIES = 2  # a raised task error (a network error writing to S3) is retried this often
 CHUNKS_PER_TASK = 1  # a task is one chunk: the unit of commit, of resume and of retry
 
@@ -78,6 +79,12 @@ def connect(scheduler: str) -> Iterator[Cluster]:
             cluster = Cluster(distributed.Client(value, timeout=CONNECT_SECONDS))
         except (OSError, TimeoutError) as e:
             raise ConfigError(f"--scheduler {value}: no Dask scheduler answers there ({_one_line(e)})") from None
+        try:  # a scheduler without workers would leave the dump waiting forever
+            cluster.client.wait_for_workers(1, timeout=WORKER_WAIT_SECONDS)
+        except (OSError, TimeoutError):
+            cluster.stop()
+            raise ConfigError(f"--scheduler {value}: the scheduler has no workers (none joined within "
+                              f"{WORKER_WAIT_SECONDS} s): start some with `dask worker {value}`") from None
     try:
         yield cluster
     finally:
