@@ -98,6 +98,17 @@ def test_dump_info_verify_train_on_s3(s3_cache, models_file, tmp_path):
     assert summary["mode"] == "cached" and summary["cache"] == s3_cache and summary["epochs"] == 1
     assert summary["eval_accuracy"] > 0.5  # it learned from the targets it read from S3 (chance: 0.1)
 
+    # the reader (chunk files fetched in concurrent batches) gives the rows the chunk files hold
+    import kdcache
+    import numpy as np
+
+    cache = kdcache.open(s3_cache)
+    fs = s3fs.S3FileSystem()
+    raw = np.concatenate([np.frombuffer(fs.cat_file(f"{s3_cache}/logits/c/{c}/0"), np.float16).reshape(128, 10)
+                          for c in range(10)])[:1258]
+    assert np.array_equal(cache.read("logits", 0, 1258), raw)
+    assert np.array_equal(cache.read("logits", 300, 700), raw[300:700])
+
     again = dump(dump_config(models_file, s3_cache), progress=False)  # the same dump again: reused, not rewritten
     assert again.action == "reuse"
 
