@@ -28,6 +28,7 @@ from kdcache.store.reader import location, survey  # noqa: E402
 
 TEACHER = textwrap.dedent(
     """
+    import os
     import time
     from pathlib import Path
 
@@ -50,6 +51,8 @@ TEACHER = textwrap.dedent(
             return self.net(x)
 
     def teacher():
+        with open(HERE / "loads.txt", "a") as f:  # which process loaded it: one line a load
+            f.write(f"{os.getpid()}\n")
         return Marked()
     """
 )
@@ -106,6 +109,8 @@ def test_failed_task_keeps_commits_and_same_command_resumes_to_identical_cache(t
     out = tmp_path / "dist.zarr"
     cfg = config(teacher_file, out, scheduler=cluster.scheduler_address)
     marker = teacher_file.parent / "FAIL"
+    loads = teacher_file.parent / "loads.txt"
+    loads.unlink(missing_ok=True)
     marker.touch()
     try:
         with pytest.raises(TeacherOutputError, match=r"forward failed.*bad batch.*committed and kept") as failed:
@@ -113,6 +118,9 @@ def test_failed_task_keeps_commits_and_same_command_resumes_to_identical_cache(t
     finally:
         marker.unlink()
     assert "\n" not in str(failed.value)
+    # the coordinator and each worker loaded the teacher once, for up to 10 tasks
+    pids = loads.read_text().split()
+    assert pids[0] == str(os.getpid()) and 2 <= len(pids) == len(set(pids)) <= 3
     found = survey(location(out))
     assert found.manifest.status == "writing"
     assert 9 not in [int(p.stem) for p in (out / "_kdcache" / "commits").glob("*.json")]  # the failed chunk

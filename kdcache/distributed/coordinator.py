@@ -5,8 +5,9 @@ processes (one thread each) and closes it at the end; ``--scheduler tcp://HOST:P
 a running scheduler and uses its workers (GPU machines: one worker per GPU, see docs/scale-out.md).
 Everything else stays in :func:`kdcache.capture.dump.dump`, as in a single-process dump: the
 coordinator takes the lock, probes the teacher, creates every array at full size and publishes the
-manifest (``writing``) before any task runs, then :func:`run_chunks` submits one task per pending
-chunk (:func:`kdcache.distributed.worker.dump_chunks`), waits for all of them, and the dump
+manifest (``writing``) before any task runs, then :func:`run_chunks` submits the pending chunks as
+tasks of a few consecutive chunks each (:func:`kdcache.distributed.worker.dump_chunks`; about 8
+tasks per worker), waits for all of them, and the dump
 finalizes (every chunk must have its commit record) exactly as the single-process path does.
 
 Resume is the single-process rule: only chunks without a commit record are submitted. On the first
@@ -31,7 +32,11 @@ from kdcache.store.schema import Manifest
 CONNECT_SECONDS = 10  # to reach a --scheduler tcp://... (a refused connection fails at once)
 WORKER_WAIT_SECONDS = 60  # for a first worker to join a --scheduler tcp://... that has none
 RETRIES = 2  # a raised task error (a network error writing to S3) is retried this often
-CHUNKS_PER_TASK = 1  # a task is one chunk: the unit of commit, of resume and of retry
+# A task is a few consecutive chunks: enough tasks for every worker to stay busy to the end (and
+# to lose little to a dead worker), few enough that a task's start and its last chunk's write,
+# which nothing overlaps, stay a small share. Commits, resume and retries still go by chunk.
+TASKS_PER_WORKER = 8
+MAX_CHUNKS_PER_TASK = 16
 
 
 class Cluster:
@@ -118,12 +123,14 @@ def run_chunks(cluster: Cluster, cfg: DumpConfig, manifest: Manifest, pending: l
     client = cluster.client
     doc = manifest.to_dict()
     task_cfg = worker_config(cfg)
-    groups = [pending[i:i + CHUNKS_PER_TASK] for i in range(0, len(pending), CHUNKS_PER_TASK)]
+    n_workers = workers(cluster)
+    size = chunks_per_task(len(pending), n_workers)
+    groups = [pending[i:i + size] for i in range(0, len(pending), size)]
     futures = {client.submit(dump_chunks, task_cfg, doc, group, key=f"kdcache-{manifest.generation}-{group[0]}",
                              retries=RETRIES, pure=False): group for group in groups}
     todo = sum(b - a for a, b in map(manifest.chunk_bounds, pending))
     with progress_bar(unit, show) as bar:
-        task = bar.add_task(f"dump ({workers(cluster)} workers)", total=manifest.rows,
+        task = bar.add_task(f"dump ({n_workers} workers)", total=manifest.rows,
                             completed=manifest.rows - todo)
         try:
             for future in distributed.as_completed(futures):
@@ -136,6 +143,11 @@ def run_chunks(cluster: Cluster, cfg: DumpConfig, manifest: Manifest, pending: l
             if cluster.local is not None:
                 cluster.stop()  # no worker writes once the lock is released
             raise
+
+
+def chunks_per_task(chunks: int, n_workers: int) -> int:
+    """Chunks a task computes: about ``TASKS_PER_WORKER`` tasks per worker, 1..``MAX_CHUNKS_PER_TASK``."""
+    return max(1, min(MAX_CHUNKS_PER_TASK, chunks // max(1, n_workers * TASKS_PER_WORKER)))
 
 
 def _result(future, chunks: list[int]) -> Any:

@@ -45,6 +45,7 @@ class Location:
     scratch: str | None = None
     fs: fsspec.AbstractFileSystem = field(init=False, repr=False)
     root: str = field(init=False)
+    _prefetched: dict[str, bytes] = field(init=False, repr=False, default_factory=dict)  # see prefetch()
 
     def __post_init__(self) -> None:
         self.url = os.fspath(self.url)
@@ -55,8 +56,6 @@ class Location:
         except ValueError as e:  # an unknown protocol
             raise StoreError(f"{self.url!r} is not a path or a known fsspec URL: {e}") from None
         self.root = self.root.rstrip("/") or self.root
-
-    _prefetched: dict[str, bytes] = field(init=False, repr=False, default_factory=dict)
 
     @cached_property
     def is_local(self) -> bool:
@@ -143,7 +142,7 @@ class Location:
         except FileExistsError:
             return False
         except FileNotFoundError as e:  # the bucket (or container) is missing
-            raise StoreError(f"{self.url!r}: cannot create {rel}: {e or 'no such bucket'}") from None
+            raise StoreError(f"{self.url!r}: cannot create {rel}: {str(e) or 'no such bucket'}") from None
         return True
 
     def write_bytes(self, rel: str, data: bytes | memoryview | np.ndarray) -> None:
@@ -157,7 +156,7 @@ class Location:
                 with self._remote("writing"):
                     self.fs.pipe_file(target, bytes(memoryview(data).cast("B")))
             except FileNotFoundError as e:  # the bucket (or container) is missing
-                raise StoreError(f"{self.url!r}: cannot write {rel}: {e or 'no such bucket'}") from None
+                raise StoreError(f"{self.url!r}: cannot write {rel}: {str(e) or 'no such bucket'}") from None
             return
         head = os.path.dirname(target)
         scratch = self.path(self.scratch) if self.scratch else head
