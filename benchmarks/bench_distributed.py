@@ -96,7 +96,7 @@ def bench_dump(args, device, work: Path) -> dict:
 
     t0 = time.perf_counter()
     cluster = distributed.LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True,
-                                       dashboard_address=None, silence_logs=logging.ERROR)
+                                       dashboard_address=":0", silence_logs=logging.ERROR)
     t_start = time.perf_counter() - t0
     address = cluster.scheduler_address
     stores = {"1 process, 1 thread": work / "one.zarr", f"1 process, {cores} threads": work / "many.zarr",

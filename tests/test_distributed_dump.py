@@ -52,7 +52,7 @@ TEACHER = textwrap.dedent(
 
     def teacher():
         with open(HERE / "loads.txt", "a") as f:  # which process loaded it: one line a load
-            f.write(f"{os.getpid()}\n")
+            f.write(f"{os.getpid()}\\n")
         return Marked()
     """
 )
@@ -88,7 +88,7 @@ def reference(tmp_path_factory, teacher_file):
 
 @pytest.fixture(scope="module")
 def cluster():
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as lc:
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as lc:
         yield lc
 
 
@@ -238,7 +238,7 @@ def test_scheduler_without_workers_is_refused_before_anything_is_written(tmp_pat
 
     monkeypatch.setattr(coordinator, "WORKER_WAIT_SECONDS", 1)
     out = tmp_path / "never.zarr"
-    with distributed.LocalCluster(n_workers=0, processes=True, dashboard_address=None) as empty:
+    with distributed.LocalCluster(n_workers=0, processes=True, dashboard_address=":0") as empty:
         with pytest.raises(ConfigError, match="has no workers"):
             dump(config(teacher_file, out, scheduler=empty.scheduler_address), progress=False)
     assert not out.exists()

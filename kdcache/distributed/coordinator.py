@@ -72,7 +72,7 @@ def connect(scheduler: str) -> Iterator[Cluster]:
     if kind == "local":
         try:
             local = distributed.LocalCluster(n_workers=value, threads_per_worker=1, processes=True,
-                                             dashboard_address=None, silence_logs=logging.ERROR)
+                                             dashboard_address=":0", silence_logs=logging.ERROR)
         except Exception as e:  # noqa: BLE001 - e.g. a script without `if __name__ == "__main__":`
             raise ConfigError(f"--scheduler {scheduler}: could not start {value} Dask worker processes: "
                               f"{_one_line(e)} (from a Python script: call dump() under "
