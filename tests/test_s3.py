@@ -166,3 +166,24 @@ def test_unreachable_endpoint_is_one_line(s3, models_file, monkeypatch):
             assert len(lines) == 1 and "Could not connect" in lines[0] and "Traceback" not in got.output, got.output
     finally:
         s3fs.S3FileSystem.clear_instance_cache()
+
+
+def test_lock_on_a_backend_without_atomic_create_is_best_effort_and_says_so():
+    """A backend kdcache knows no atomic create for: the lock still works (check, then write), with a
+    warning naming it best effort."""
+    import fsspec
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    class PlainFS(MemoryFileSystem):
+        protocol = "kdplain"
+
+    fsspec.register_implementation("kdplain", PlainFS, clobber=True)
+    loc = location("kdplain://bucket/c.zarr")
+    assert not loc.atomic_create and location("s3://bucket/c.zarr").atomic_create
+    first, second = Lock(loc, "_kdcache/lock.json", "--out x"), Lock(loc, "_kdcache/lock.json", "--out x")
+    with pytest.warns(UserWarning, match="best effort"):
+        first.acquire()
+    with pytest.warns(UserWarning, match="best effort"), pytest.raises(StoreLockedError):
+        second.acquire()
+    first.release()
+    assert not loc.exists("_kdcache/lock.json")
