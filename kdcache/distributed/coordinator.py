@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
+import uuid
 from typing import Any, Iterator
 
 from kdcache.config import DumpConfig, parse_scheduler
@@ -107,7 +108,7 @@ def _reachable(address: str) -> None:
 
 
 def workers(cluster: Cluster) -> int:
-    return len(cluster.client.scheduler_info(n_workers=-1).get("workers", {}))
+    return len(cluster.client.nthreads())
 
 
 def run_chunks(cluster: Cluster, cfg: DumpConfig, manifest: Manifest, pending: list[int], show: bool,
@@ -126,7 +127,8 @@ def run_chunks(cluster: Cluster, cfg: DumpConfig, manifest: Manifest, pending: l
     n_workers = workers(cluster)
     size = chunks_per_task(len(pending), n_workers)
     groups = [pending[i:i + size] for i in range(0, len(pending), size)]
-    futures = {client.submit(dump_chunks, task_cfg, doc, group, key=f"kdcache-{manifest.generation}-{group[0]}",
+    run = uuid.uuid4().hex[:8]  # keys of this run only: a cancelled task of an earlier run may still be running
+    futures = {client.submit(dump_chunks, task_cfg, doc, group, key=f"kdcache-{manifest.generation}-{run}-{group[0]}",
                              retries=RETRIES, pure=False): group for group in groups}
     todo = sum(b - a for a, b in map(manifest.chunk_bounds, pending))
     with progress_bar(unit, show) as bar:
