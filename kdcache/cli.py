@@ -173,6 +173,11 @@ def dump(
                                                 "train it with --class-map). Default: the teacher's classes."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Probe one item, print the projected store size and chunk "
                                  "layout, and exit without writing anything."),
+    scheduler: Optional[str] = typer.Option(None, help="Run the teacher on Dask workers: local:N starts N worker "
+                                            "processes here (closed at the end); tcp://HOST:PORT uses a running "
+                                            "Dask scheduler's workers (one per GPU). Each worker loads the teacher "
+                                            "once and writes whole chunks; needs pip install 'kdcache[dask-dist]'. "
+                                            "Default: this process alone."),
     tokenizer: Optional[str] = typer.Option(None, help="Text data: the tokenizer's directory (default: the "
                                             "--teacher hf:DIR's)."),
     text_column: str = TextColumnOpt,

@@ -72,6 +72,9 @@ class DumpConfig:
     max_length: int | None = None
     cache_root: str | None = None  # instead of out: a folder or URL of caches named by their fingerprints
     label_classes: int | None = None  # labels may be classes 0..N-1 beyond the teacher's (train --class-map)
+    # distributed dump (kdcache.distributed): None runs in this process; local:N starts N Dask worker
+    # processes here; tcp://HOST:PORT (or tls://) uses a running Dask scheduler's workers
+    scheduler: str | None = None
 
     def __post_init__(self) -> None:
         _text_settings(self)
@@ -80,6 +83,8 @@ class DumpConfig:
                               else "--out PATH or --cache-root DIR|URL is required (or set KDCACHE_HOME)")
         if self.label_classes is not None:
             _positive("--label-classes", self.label_classes)
+        if self.scheduler is not None:
+            parse_scheduler(self.scheduler)
         from kdcache.features import parse_features
 
         if isinstance(self.features, str):  # one layer, as a TOML string
@@ -92,6 +97,12 @@ class DumpConfig:
             _positive("--chunk-rows", self.chunk_rows)
         if not isinstance(self.num_workers, int) or self.num_workers < 0:
             raise ConfigError(f"--num-workers must be 0 or more, got {self.num_workers!r}")
+        if self.scheduler is not None and isinstance(self.out, str) and self.out.startswith("memory://"):
+            raise ConfigError(f"--out {self.out}: a memory:// store lives in this process, where Dask workers cannot "
+                              "write; with --scheduler give a shared folder or an object store URL (s3://...)")
+        if self.scheduler is not None and self.num_workers:
+            raise ConfigError("--num-workers: with --scheduler each Dask worker loads its batches in a thread (a Dask "
+                              "worker process cannot start DataLoader processes); leave --num-workers out")
         _choice("--order", self.order, ORDERS)
         if not isinstance(self.order_seed, int) or isinstance(self.order_seed, bool) or not 0 <= self.order_seed < 2**63:
             raise ConfigError(f"--order-seed must be an integer in [0, 2**63), got {self.order_seed!r}")
@@ -370,6 +381,28 @@ def _toolkit_settings(cfg: "TrainConfig") -> None:
                        or cfg.disagreement != "keep"):
         raise ConfigError("--online runs the teacher live; --cache (several), --teacher-calibration, --class-map, "
                           "--kd-where and --disagreement work on caches: leave out --online")
+
+
+SCHEDULER_SCHEMES = ("tcp", "tls")
+
+
+def parse_scheduler(text: Any) -> tuple[str, int | str]:
+    """``--scheduler``: ``("local", N)`` for ``local:N``, or ``("address", "tcp://HOST:PORT")``."""
+    usage = "expected local:N (N worker processes on this machine) or tcp://HOST:PORT (a Dask scheduler)"
+    if not isinstance(text, str) or not text.strip():
+        raise ConfigError(f"--scheduler: {usage}, got {text!r} instead")
+    text = text.strip()
+    if text.startswith("local:"):
+        n = text.removeprefix("local:")
+        if not n.isdigit() or int(n) < 1:
+            raise ConfigError(f"--scheduler {text}: {usage} (N a positive integer)")
+        return "local", int(n)
+    scheme, sep, rest = text.partition("://")
+    host, colon, port = rest.rpartition(":")
+    if not sep or scheme not in SCHEDULER_SCHEMES or not colon or not host or not port.isdigit() \
+            or not 0 < int(port) < 65536:
+        raise ConfigError(f"--scheduler {text}: {usage}")
+    return "address", text
 
 
 def pick_device(device: str):

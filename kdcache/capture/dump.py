@@ -16,10 +16,16 @@ stored in a seeded permutation (:class:`~kdcache.store.schema.RowOrder`): a clas
 (ImageFolder) is stored well mixed, so any run of rows is a uniform sample. Batches never straddle
 chunks and start at fixed offsets inside each chunk, so a resumed dump computes every chunk from
 exactly the same items as an uninterrupted one.
+
+With ``--scheduler`` (:mod:`kdcache.distributed`) the same function coordinates: it reaches the
+Dask cluster first (nothing is written if it cannot), then opens the store as above, and hands
+the pending chunks to workers, each running :func:`_run` on its own chunks, instead of running
+:func:`_run` on all of them here.
 """
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
@@ -76,6 +82,16 @@ def dump(cfg: DumpConfig, progress: bool = True) -> DumpResult:
     t0 = time.perf_counter()
     if cfg.out is None:
         catalog.check_writable(cfg.cache_root)  # before anything runs
+    with contextlib.ExitStack() as stack:
+        cluster = None
+        if cfg.scheduler is not None:
+            from kdcache.distributed.coordinator import connect
+
+            cluster = stack.enter_context(connect(cfg.scheduler))
+        return _dump(cfg, progress, t0, cluster)
+
+
+def _dump(cfg: DumpConfig, progress: bool, t0: float, cluster) -> DumpResult:
     device, teacher, dataset, kinds, order, existing = _open(cfg)
     check = cfg.data_check or (existing.data.check if existing is not None else "sampled")
     fp = teacher_fingerprint(teacher, cfg.checkpoint)
@@ -90,6 +106,12 @@ def dump(cfg: DumpConfig, progress: bool = True) -> DumpResult:
         # Probe the first item: its output sets the layout, the arrays and the chunk size before anything is written.
         layout, probe = _probe(cfg, dataset, order, kinds, tap, device, progress)
         arrays = _declare(cfg, layout, kinds, probe)
+        if cluster is not None and any(a.computed for a in arrays):
+            raise ConfigError("--scheduler: pooled --features of token data are gathered across chunks, which one "
+                              "process must do; dump this cache without --scheduler (or keep POOL none)")
+        if cluster is not None and device.type == "cuda":  # the workers run the teacher: free this GPU for them
+            teacher.to("cpu")
+            torch.cuda.empty_cache()
         manifest = Manifest(
             rows=layout.rows, chunk_rows=_chunk_rows(cfg, _row_bytes(arrays, layout.rows), layout.rows, existing),
             order=order, sequences=layout.sequences,
@@ -116,7 +138,12 @@ def dump(cfg: DumpConfig, progress: bool = True) -> DumpResult:
             if writer.manifest.computed_arrays:
                 pooled = SequenceChunks(writer.manifest, layout.offsets, pending)
                 plan = _replays(layout, pooled, writer.manifest.chunk_rows, cfg.batch_size) + plan
-            _run(cfg, tap, layout, writer, kinds, plan, device, progress, todo, pooled)
+            if cluster is None:
+                _run(cfg, tap, layout, writer, kinds, plan, device, progress, todo, pooled)
+            else:
+                from kdcache.distributed.coordinator import run_chunks
+
+                run_chunks(cluster, cfg, writer.manifest, pending, progress, "tokens" if layout.token else "samples")
             manifest = writer.finalize()
         except BaseException as e:
             raise _kept(e, writer.abandon(), layout.rows, cfg.out) from None

@@ -8,7 +8,14 @@ when it is older than ``STALE_SECONDS`` (another host), or when it is empty or u
 writer died while writing it). Breaking a stale lock renames it aside first, so of two processes
 breaking the same lock only one succeeds, and a live lock that replaced it meanwhile is put back.
 
-On object stores there is no atomic create here: the lock is best effort (checked, then written).
+On object stores the lock is taken with a conditional PUT (``If-None-Match: *``, :meth:`Location.create`):
+of two processes creating it at once, the store accepts exactly one. Breaking a stale lock there is
+a plain delete (S3 has no delete-if-unchanged for general buckets) then the same conditional create:
+two processes that break one dead writer's lock in the same instant could both get through, a
+window that only opens after a writer died. Backends not known to
+create atomically (:attr:`Location.atomic_create` is false: an fsspec backend other than S3 and
+memory://) get a check-then-write lock and a warning that it is best effort: two dumps started at
+the same moment could both proceed.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import os
 import socket
 import time
 import uuid
+import warnings
 from typing import Any
 
 from kdcache.errors import StoreLockedError
@@ -88,10 +96,10 @@ class Lock:
         """Create the lock file holding ``owner``; ``False`` if a lock file exists."""
         loc = self.location
         if not loc.is_local:
-            if loc.exists(self.rel):
-                return False
-            loc.write_bytes(self.rel, owner)
-            return True
+            if not loc.atomic_create:
+                warnings.warn(f"{self.what}: {loc.protocols[0]}:// has no atomic create in kdcache; the lock is best "
+                              "effort (do not start two writers at once)", stacklevel=3)
+            return loc.create(self.rel, owner)
         path = loc.path(self.rel)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         # Written privately, then linked into place: the lock appears with its content. (Created

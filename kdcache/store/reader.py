@@ -31,6 +31,8 @@ from kdcache.store.schema import CommitRecord, Manifest
 MAX_ADMITTED_CHUNKS = 8192
 # Chunks that are copied in (object stores, compressed arrays) count against this many bytes.
 MAX_COPIED_BYTES = 2 << 30
+# Object stores: the files of this many chunks are fetched concurrently when chunks are admitted.
+PREFETCH_CHUNKS = 16
 
 
 def location(url: str | os.PathLike) -> Location:
@@ -299,7 +301,7 @@ class Cache:
         rows = np.asarray(rows, dtype=np.int64)
         with self._lock:
             if len(self._admitted) < self.manifest.num_chunks:  # else every chunk is readable already
-                if self.complete and self.num_chunks <= MAX_ADMITTED_CHUNKS:
+                if self.complete and self.num_chunks <= MAX_ADMITTED_CHUNKS and self.location.is_local:
                     self.admit(range(self.num_chunks))  # a complete cache: map it all once
                 else:
                     chunks = rows // self.chunk_rows
@@ -359,13 +361,21 @@ class Cache:
         when a batch needs a chunk admitted again, not on every batch: the order of eviction is
         approximate, its bound exact."""
         with self._lock:
-            for chunk in chunks:
-                chunk = int(chunk)
+            chunks = [int(c) for c in chunks]
+            for i, chunk in enumerate(chunks):
+                if not self.location.is_local and i % PREFETCH_CHUNKS == 0:  # object stores: GETs in batches
+                    self.location.prefetch(self._chunk_files(chunks[i:i + PREFETCH_CHUNKS]))
                 if chunk in self._admitted:
                     self._admitted.move_to_end(chunk)
                     continue
                 self._admit(chunk)
             self._evict()
+
+    def _chunk_files(self, chunks: list[int]) -> list[str]:
+        """The files admitting these chunks reads first: commit records, array chunks kdcache wrote."""
+        layouts = [self.layout(spec.name) for spec in self.manifest.row_arrays]
+        return [name for c in chunks if c not in self._admitted
+                for name in (sc.commit_name(c), *(lay.key(c) for lay in layouts if lay.direct))]
 
     def _admit(self, chunk: int) -> None:
         if not 0 <= chunk < self.num_chunks:

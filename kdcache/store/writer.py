@@ -18,6 +18,11 @@ named points a test can stop it at):
 On failure the caller calls :meth:`abandon`: the lock is released and committed chunks are kept
 (``status: writing``) so the same command resumes; a cache this run created that holds no
 committed chunk is removed.
+
+A distributed dump (:mod:`kdcache.distributed`) runs steps 1, 2 and 4 in the coordinator, which
+holds the lock; its workers :meth:`attach` to the store the coordinator created and run step 3 for
+the chunks they are given, with the same :meth:`write_chunk`. An attached writer holds no lock
+and never writes the manifest or array metadata.
 """
 
 from __future__ import annotations
@@ -40,7 +45,8 @@ from kdcache.store.schema import ArraySpec, CommitRecord, Manifest
 
 
 class Writer:
-    def __init__(self, loc: Location, manifest: Manifest, lock: Lock, created: bool, made_folder: bool = False) -> None:
+    def __init__(self, loc: Location, manifest: Manifest, lock: Lock | None, created: bool,
+                 made_folder: bool = False) -> None:
         self.location = loc
         self.manifest = manifest
         self.lock = lock
@@ -112,6 +118,24 @@ class Writer:
         writer._publish(existing)  # repairs a damaged zarr.json from the writer's copy
         return writer
 
+    @classmethod
+    def attach(cls, url: str, manifest: Manifest) -> "Writer":
+        """A chunk writer for a dump another process (the coordinator) opened and holds the lock of.
+
+        ``manifest`` is the coordinator's, arrays declared; the store must still be that dump
+        (``writing``, the same generation), or the worker would write into a cache that moved on.
+        """
+        loc = location(url)
+        found = survey(loc).manifest
+        if found is None or found.generation != manifest.generation or found.complete:
+            seen = "nothing" if found is None else f"generation {found.generation} ({found.status})"
+            raise StoreError(f"--out {loc.url!r}: a worker sees {seen} there, not the dump it was given (generation "
+                             f"{manifest.generation}, writing): the path must be one every worker shares (a shared "
+                             "file system or an object store URL), and not overwritten or completed meanwhile")
+        writer = cls(loc, manifest, lock=None, created=False)
+        writer._read_layouts(manifest.arrays)
+        return writer
+
     # --- arrays -----------------------------------------------------------------------------------
     def create_arrays(self, arrays: Iterable[ArraySpec], columns: Iterable[str]) -> None:
         """Create every array at full size (or check a resumed cache declares the same ones)."""
@@ -126,6 +150,10 @@ class Writer:
             for spec in arrays:
                 self._write_array_metadata(spec)
             self._publish(self.manifest.replace(arrays=arrays, columns=columns))
+        self._read_layouts(arrays)
+
+    def _read_layouts(self, arrays: tuple[ArraySpec, ...]) -> None:
+        """How each array's chunks are stored, from its zarr.json (kdcache's own encodings only)."""
         self.layouts = {a.name: ChunkLayout.read(self.location, a, self.manifest.chunk_rows_of(a))
                         for a in arrays if a.axis == "row"}
         self.sequence_layouts = {a.name: ChunkLayout.read(self.location, a, self.manifest.chunk_rows_of(a))
