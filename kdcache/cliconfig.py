@@ -31,16 +31,7 @@ def merged_params(ctx: Any, config: Path | None) -> dict[str, Any]:
     if config is None:
         return params
     command = ctx.info_name
-    try:
-        doc = tomllib.loads(Path(config).read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"--config: file {str(config)!r} does not exist") from None
-    except IsADirectoryError:
-        raise ConfigError(f"--config: {str(config)!r} is a directory, not a TOML file") from None
-    except OSError as e:
-        raise ConfigError(f"--config: cannot read {str(config)!r}: {e.strerror or e}") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"--config {config}: not valid TOML: {e}") from None
+    doc = _read_toml(config)
     values = {k: v for k, v in doc.items() if not (isinstance(v, dict) and k in COMMANDS)}
     if isinstance(doc.get(command), dict):
         values.update(doc[command])
