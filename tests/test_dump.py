@@ -171,6 +171,23 @@ def test_a_v1_cache_is_refused_with_how_to_redump(tmp_path, models_file, digits_
     assert dump(_cfg(models_file, out, overwrite=True), progress=False).action == "new"
 
 
+def test_a_prerelease_v2_cache_without_classes_is_refused_not_reused(tmp_path, models_file, digits_cache):
+    import shutil
+
+    out = tmp_path / "early.zarr"
+    shutil.copytree(digits_cache, out)
+    for path in (out / "zarr.json", out / "_kdcache/manifest.json"):
+        doc = json.loads(path.read_text())
+        manifest = doc["attributes"]["kdcache"] if path.name == "zarr.json" else doc
+        del manifest["classes"]  # what a build before the field existed wrote
+        path.write_text(json.dumps(doc))
+    with pytest.raises(StoreError, match="pre-release build of format 2 .* --overwrite"):
+        kdcache.open(out)
+    with pytest.raises(StoreError, match="pre-release build"):  # the same dump must not reuse it
+        dump(_cfg(models_file, out), progress=False)
+    assert dump(_cfg(models_file, out, overwrite=True), progress=False).action == "new"
+
+
 def test_nan_names_the_item_and_nothing_is_marked_complete(tmp_path, models_file, datasets_file):
     out = tmp_path / "c.zarr"
     with pytest.raises(TeacherOutputError, match=r"output for dataset item 137 \(row \d+\) is NaN or \+inf") as e:

@@ -498,6 +498,8 @@ class Manifest:
         sequences = d.get("sequences")
         if sequences is not None:
             sequences = _int(d, "sequences", where, 1)
+        if "classes" not in d:  # every release of format 2 writes it; only a pre-release build did not
+            raise FormatVersionError(version, "a pre-release build of format 2 (its manifest has no 'classes')")
         classes = d.get("classes")
         if classes is not None:
             classes = _int(d, "classes", where, 1)
@@ -530,15 +532,15 @@ class Manifest:
 class FormatVersionError(StoreError):
     """A cache written in another store format (a v1 cache, or one from a newer kdcache)."""
 
-    def __init__(self, version: Any) -> None:
+    def __init__(self, version: Any, written_by: str | None = None) -> None:
         self.version = version
-        if isinstance(version, int) and version < FORMAT_VERSION:
+        if written_by is not None or (isinstance(version, int) and version < FORMAT_VERSION):
             hint = ("re-dump it with this kdcache: run the same `kdcache dump` command with --overwrite "
                     "(the teacher runs again once)")
         else:
             hint = "upgrade kdcache to read it"
-        super().__init__(f"store format_version {version!r}; this kdcache reads format_version "
-                         f"{FORMAT_VERSION}: {hint}")
+        what = f"written by {written_by}" if written_by else f"store format_version {version!r}"
+        super().__init__(f"{what}; this kdcache reads format_version {FORMAT_VERSION}: {hint}")
 
 
 # --- commit records -------------------------------------------------------------------------------

@@ -27,7 +27,10 @@ import torch
 from kdcache.capture.dump import dump
 from kdcache.config import DumpConfig, TrainConfig
 from kdcache.datasets import digits_test, digits_train
+from kdcache.errors import KDCacheError
 from kdcache.store.info import describe
+from kdcache.store.reader import location, survey
+from kdcache.store.schema import FormatVersionError
 from kdcache.train import evaluate, train
 
 HERE = Path(__file__).resolve().parent
@@ -75,8 +78,11 @@ def main(argv: list[str] | None = None) -> None:
     teacher_acc = evaluate(model, digits_test(), torch.device("cpu"))["eval_accuracy"]
 
     cache = out / "cache.zarr"
+    stale = isinstance(survey(location(str(cache))).problem, FormatVersionError)
+    if stale:  # the demo owns its cache: one an older kdcache wrote is re-dumped, not an error
+        print(f"{cache} was written by an older kdcache: re-dumping it (the teacher runs once)")
     result = dump(DumpConfig(teacher=f"{MODELS}:teacher", checkpoint=str(ckpt), data=DATA, out=str(cache),
-                             device="cpu"), progress=not args.quiet)
+                             device="cpu", overwrite=stale), progress=not args.quiet)
     cache_bytes = describe(str(cache))["bytes"]
 
     rows = []
@@ -102,4 +108,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KDCacheError as e:  # bad input or a cache problem: one line, as the CLI prints it
+        raise SystemExit(f"error: {e}") from None
