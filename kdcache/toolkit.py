@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -43,8 +44,7 @@ from kdcache.loader import CacheDataset
 from kdcache.loader.multi import TEACHERS, MultiCacheDataset, check_joinable
 from kdcache.loader.targets import response_kind
 from kdcache.losses import DenseTargets, ce_loss, soft_kl
-from kdcache.losses.multi import (accuracy_weights, combine_teachers, confidence_gate, per_class_precision,
-                                  precision_gate)
+from kdcache.losses.multi import Combiner, accuracy_weights, per_class_precision
 from kdcache.losses.partial import novel_rows, restrict
 
 NO_RELABEL = -2  # in the relabel table: keep the batch's own label
@@ -292,10 +292,20 @@ class Toolkit:
         return out
 
     # --- setup hooks --------------------------------------------------------------------------
-    def dataset(self, source, data, **kwargs: Any) -> CacheDataset:
-        """The loader's dataset: joined over every --cache when there are several."""
+    @cached_property
+    def combiner(self) -> Combiner:
+        """Several teachers into one target, with this run's rule, T, weights, calibration and gate."""
+        calibration = None if self.temperatures is None else tuple(self.temperatures.tolist())
+        return Combiner(self.rule, self.cfg.temperature, self.weights, calibration, self.precision)
+
+    def dataset(self, source, data, combine_in_loader: bool = True, **kwargs: Any) -> CacheDataset:
+        """The loader's dataset: joined over every --cache when there are several. The teachers are
+        combined in the loader (its worker processes, with --num-workers) unless
+        ``combine_in_loader`` is False (CUDA without workers: the device does it faster); then
+        :meth:`teacher` combines the batch's ``(B, N, C)`` logits on the device."""
         if self.others:
-            return MultiCacheDataset(source, data, others=self.others, **kwargs)
+            return MultiCacheDataset(source, data, others=self.others,
+                                     combine=self.combiner if combine_in_loader else None, **kwargs)
         return CacheDataset(source, data, **kwargs)
 
     def check_student(self, classes: int, spec: str) -> None:
@@ -311,15 +321,8 @@ class Toolkit:
     # --- per batch -----------------------------------------------------------------------------
     def teacher(self, t: Any, temperature: float, device: torch.device) -> Any:
         """The target the soft term reads: calibrated, and several teachers combined."""
-        if self.others:  # t: (B, N, C), the batch's "teachers"
-            logits = t.float()
-            if self.temperatures is not None:
-                logits = logits / self.temperatures.to(device)[None, :, None]
-            choice = None
-            if self.rule == "gated":
-                choice = confidence_gate(logits) if self.precision is None else precision_gate(logits, self.precision)
-            weights = None if self.weights is None else torch.tensor(self.weights, device=device)
-            return combine_teachers(logits, self.rule, temperature, weights, choice)
+        if self.others:  # combined by the loader already, or the batch's (B, N, C) "teachers"
+            return self.combiner(t) if isinstance(t, torch.Tensor) and t.ndim == 3 else t
         if self.temperatures is not None:
             return t.logits.float() / float(self.temperatures[0]) if isinstance(t, DenseTargets) else \
                 t.float() / float(self.temperatures[0])

@@ -180,7 +180,8 @@ def _prepare(cfg: TrainConfig, world: World, device: torch.device, overwrite: bo
     params = _trainable(student, cfg.student)
     objective = Objective(cfg, cache, student, online=teacher is not None)
     source = cache if cache is not None else DatasetRows(len(data))
-    dataset = objective.kit.dataset(source, data, batch_size=cfg.batch_size, seed=cfg.seed,
+    dataset = objective.kit.dataset(source, data, combine_in_loader=device.type != "cuda" or cfg.num_workers > 0,
+                                    batch_size=cfg.batch_size, seed=cfg.seed,
                                     shuffle_buffer=cfg.shuffle_buffer, drop_last=cfg.drop_last, rank=world.rank,
                                     world=world.size, targets=objective.arrays(cache), topk_mode=cfg.topk_mode,
                                     follow=cfg.follow_timeout if cfg.follow else None)

@@ -147,6 +147,45 @@ def test_join_by_dataset_index_not_by_row(kit):
     assert seen == len(data)
 
 
+def test_the_loader_combines_as_the_training_step_would(kit):
+    """Combining in the loader (its workers, or in-process) gives the targets the step's own
+    combining of the joined (B, N, C) logits gives, calibration and gate included; a worker sends
+    them in the caches' float16, rounded as the teachers' logits were."""
+    from kdcache.loader import make_loader
+    from kdcache.losses.multi import Combiner
+
+    a, b = kdcache.open(kit["a"]), kdcache.open(kit["b"])
+    data = digits_train()
+    for combiner in (Combiner("avg-probs", 4.0), Combiner("weighted", 2.0, (0.7, 0.3), calibration=(1.5, 0.5)),
+                     Combiner("gated", 4.0, precision=torch.rand(2, 10, generator=torch.Generator().manual_seed(0)))):
+        joined = MultiCacheDataset(a, data, others=[b], batch_size=100, seed=0, rank=0, world=1)
+        combined = MultiCacheDataset(a, data, others=[b], combine=combiner, batch_size=100, seed=0, rank=0, world=1)
+        for workers in (0, 1):
+            batches = 0
+            for mine, theirs in zip(joined, make_loader(combined, num_workers=workers)):
+                assert "teachers" not in theirs
+                expected = combiner(mine["teachers"])
+                assert theirs["targets"].logits.dtype == (torch.float16 if workers else torch.float32)
+                torch.testing.assert_close(theirs["targets"].logits.float(), expected.to(theirs["targets"].logits.dtype).float())
+                batches += 1
+            assert batches == len(joined)
+
+
+def test_without_loader_combining_the_step_combines_on_the_device(kit):
+    """CUDA without loader workers: the batch carries the joined logits and Toolkit.teacher
+    combines them where the step runs, to the same targets."""
+    cfg = _cfg(kit, "unused", extra_caches=(kit["b"],), combine="weighted:0.6,0.4", teacher_calibration=("2", "1"))
+    cache = kdcache.open(kit["a"])
+    toolkit = Toolkit(cfg, cache)
+    kw = dict(batch_size=100, seed=0, rank=0, world=1, targets=("logits",))
+    on_device = toolkit.dataset(cache, digits_train(), combine_in_loader=False, **kw)
+    in_loader = toolkit.dataset(cache, digits_train(), **kw)
+    for mine, theirs in zip(on_device, in_loader):
+        assert mine["teachers"].shape == (len(mine["index"]), 2, 10)
+        combined = toolkit.teacher(mine["teachers"], cfg.temperature, torch.device("cpu"))
+        torch.testing.assert_close(combined, toolkit.teacher(theirs["targets"], cfg.temperature, torch.device("cpu")).logits)
+
+
 def test_combine_rules_on_hand_made_logits():
     t = torch.tensor([[[2.0, 0.0, 0.0], [0.0, 1.0, 0.0]],
                       [[0.0, 0.0, 5.0], [1.0, 0.0, 0.0]]])  # (B=2, N=2, C=3)

@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 import kdcache
 from kdcache.errors import FingerprintMismatchError, StoreError
 from kdcache.fingerprint import data_fingerprint
+from kdcache.loader import wire
 from kdcache.loader.order import BLOCK, WINDOW, EpochPlan, _int
 from kdcache.loader.targets import TOPK_MODES, make_targets, needs_dense, response_kind
 from kdcache.sources.items import NO_LABEL, fetch_batch
@@ -493,9 +494,12 @@ class CacheLoader(DataLoader):
                 yield {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
             return
         ds._begin()
-        for batch in super().__iter__():
+        batches = super().__iter__()
+        if not self.pin_memory:
+            wire.widen(batches)
+        for batch in batches:
             ds._state[1] += 1
-            yield batch
+            yield batch if self.pin_memory else wire.unpack(batch)
 
 
 def make_loader(dataset: CacheDataset, num_workers: int = 0, pin_memory: bool = False) -> DataLoader:
@@ -504,5 +508,8 @@ def make_loader(dataset: CacheDataset, num_workers: int = 0, pin_memory: bool = 
     The order of batches does not depend on ``num_workers``.
     """
     num_workers = _int("num_workers", num_workers, 0, what="an integer >= 0")
+    # small tensors cross from the workers by value (kdcache.loader.wire); pinned batches keep
+    # torch's shared memory, which its pinning thread copies into page-locked memory as they come
+    collate = None if pin_memory or not num_workers else wire.pack
     return CacheLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
-                       persistent_workers=num_workers > 0)
+                       persistent_workers=num_workers > 0, collate_fn=collate)

@@ -10,6 +10,9 @@ per array from the mapped chunks the loader uses for the first cache.
     ds = MultiCacheDataset("a.zarr", data, others=["b.zarr"], batch_size=64)
     batch["teachers"]  # (B, N, C): the N teachers' logits for the batch's items, first cache first
 
+    ds = MultiCacheDataset("a.zarr", data, others=["b.zarr"], combine=Combiner("avg-probs", 4.0), ...)
+    batch["targets"]  # DenseTargets (B, C): combined in the loader (in its worker processes, if any)
+
 Only dense sample caches join (a row per item, every logit): a top-k or sampled cache holds a
 different set of classes per teacher and row, which no combination rule here can mix exactly.
 """
@@ -21,11 +24,14 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+from torch.utils.data import get_worker_info
 
 import kdcache
 from kdcache.errors import ConfigError
 from kdcache.loader.dataset import CacheDataset
 from kdcache.loader.targets import response_kind
+from kdcache.losses import DenseTargets
+from kdcache.losses.multi import Combiner
 from kdcache.store.reader import Cache
 
 TEACHERS = "teachers"  # the batch key of the stacked logits
@@ -74,16 +80,18 @@ class TeacherJoin:
         self.rows = [rows_of_items(c, items) for c in self.caches]
         self.items_of_first: np.ndarray | None = None  # the first cache's row -> item, for reading ahead
 
-    def logits(self, items: np.ndarray) -> list[torch.Tensor]:
-        """One (B, C) tensor per other cache, rows in the order of ``items``."""
-        out = []
-        for cache, table in zip(self.caches, self.rows):
+    def stacked(self, first: torch.Tensor, items: np.ndarray, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``(B, N, C)``: ``first`` (the first cache's logits for ``items``) and each other cache's,
+        written into one new tensor of ``dtype`` (default ``first``'s)."""
+        out = first.new_empty((first.shape[0], 1 + len(self.caches), first.shape[1]), dtype=dtype or first.dtype)
+        out[:, 0] = first
+        for i, (cache, table) in enumerate(zip(self.caches, self.rows), start=1):
             rows = table[items]
             if (rows < 0).any():
                 item = int(items[np.flatnonzero(rows < 0)[0]])
                 raise ConfigError(f"--cache {cache.url}: holds no row for dataset item {item}")
             got = cache.gather(["logits"], rows)["logits"]  # (B, C): one gather, in the batch's order
-            out.append(cache.tensor("logits", got))
+            out[:, i] = cache.tensor("logits", got)
         return out
 
     def willneed(self, items: np.ndarray) -> None:
@@ -95,11 +103,14 @@ class TeacherJoin:
 
 class MultiCacheDataset(CacheDataset):
     """A :class:`~kdcache.loader.CacheDataset` over the first cache that adds, to each batch,
-    ``"teachers"``: ``(B, N, C)`` logits of all N caches for the batch's items (first cache first).
+    ``"teachers"``: ``(B, N, C)`` logits of all N caches for the batch's items (first cache first);
+    or, given ``combine``, replaces ``"targets"`` with ``DenseTargets(combine(teachers))``, so the
+    combining runs in the loader (overlapping the step, with worker processes).
     Order, sharding, workers and ``state_dict`` are the first cache's, unchanged."""
 
     def __init__(self, source: Cache | str | os.PathLike, data: Any = None, *,
-                 others: Sequence[Cache | str | os.PathLike], **kwargs: Any) -> None:
+                 others: Sequence[Cache | str | os.PathLike], combine: Combiner | None = None,
+                 **kwargs: Any) -> None:
         if isinstance(source, (str, os.PathLike)):
             source = kdcache.open(source)
         others = [kdcache.open(o) if isinstance(o, (str, os.PathLike)) else o for o in others]
@@ -108,11 +119,19 @@ class MultiCacheDataset(CacheDataset):
         super().__init__(source, data, targets=tuple(dict.fromkeys(("logits", *targets))), **kwargs)
         self.join = TeacherJoin(others, source.manifest.data.length)
         self.join.items_of_first = source.read("index").astype(np.int64)  # the first cache's row -> item
+        self.combine = combine
 
     def batch(self, units: np.ndarray) -> dict[str, Any]:
         batch = super().batch(units)
         items = batch["index"].numpy()
-        batch[TEACHERS] = torch.stack([batch["logits"], *self.join.logits(items)], dim=1)  # (B, N, C)
+        if self.combine is None:
+            batch[TEACHERS] = self.join.stacked(batch["logits"], items)  # (B, N, C)
+        else:  # float32 straight from the stored dtype: one copy, which the combiner need not repeat
+            first = batch.pop("logits")  # its part of the combined target is all a run needs of it
+            target = self.combine(self.join.stacked(first, items, torch.float32))
+            if get_worker_info() is not None:  # crossing to the training process: in the precision the
+                target = target.to(first.dtype)  # teachers' logits are stored in, half the bytes of float32
+            batch["targets"] = DenseTargets(target)
         return batch
 
     def _window_rows(self, units: np.ndarray) -> np.ndarray:

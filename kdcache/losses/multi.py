@@ -22,6 +22,7 @@ one that is rarely wrong.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -67,15 +68,46 @@ def combine_teachers(logits: Tensor, rule: str, temperature: float, weights: Ten
         raise ValueError(f"rule: expected one of {', '.join(COMBINE_RULES)}, got {rule!r} instead")
     # one exp per teacher logit and one log per class: a probability below float's smallest (a logit
     # gap of ~87·T) becomes log 0 = -inf, which the KD term reads as p = 0, its value to that precision
-    p = _weighted_sum(F.softmax(logits / temperature, dim=-1), w)  # (B, C): Σ w_i p_i
-    return temperature * p.log()
+    p = F.softmax(logits / temperature, dim=-1)  # (B, N, C)
+    return _weighted_sum(p, w).log_().mul_(temperature)  # T · log Σ w_i p_i
 
 
 def _weighted_sum(x: Tensor, w: Tensor) -> Tensor:
-    """(B, N, C), (N,) → (B, C): Σ_i w_i x[:, i]. A broadcast multiply and a sum over the few
-    teachers: on the training step's hot path, where ``einsum`` (a batched matmul over N) cost
-    ~2.5× as much on CPU."""
-    return (x * w[None, :, None]).sum(dim=1)
+    """(B, N, C), (N,) → (B, C): Σ_i w_i x[:, i], as N - 1 fused multiply-adds into one new
+    tensor. On the training step's hot path: ``einsum`` (a batched matmul over N) cost ~2.5× as
+    much on CPU, a broadcast multiply and sum ~1.5×."""
+    out = x[:, 0] * w[0]
+    for i in range(1, x.shape[1]):
+        out.add_(x[:, i], alpha=float(w[i]))
+    return out
+
+
+@dataclass(frozen=True, eq=False)
+class Combiner:
+    """A run's fixed way of turning several teachers' ``(B, N, C)`` logits into one ``(B, C)``
+    target (see :func:`combine_teachers`): the rule, the KD temperature, the weights, each
+    teacher's calibration temperature (its logits are divided by it first) and, for ``gated``,
+    the per-class precision of :func:`precision_gate` (confidence when ``None``).
+
+    A picklable callable, so the loader's worker processes can combine each batch while the
+    training process runs the step before it (``MultiCacheDataset(combine=...)``)."""
+
+    rule: str
+    temperature: float
+    weights: tuple[float, ...] | None = None
+    calibration: tuple[float, ...] | None = None
+    precision: Tensor | None = None  # (N, C)
+
+    def __call__(self, logits: Tensor) -> Tensor:
+        _check(logits)
+        logits = logits.to(torch.float64 if logits.dtype == torch.float64 else torch.float32)
+        if self.calibration is not None:
+            logits = logits / torch.tensor(self.calibration, dtype=logits.dtype, device=logits.device)[None, :, None]
+        choice = None
+        if self.rule == "gated":
+            choice = confidence_gate(logits) if self.precision is None else precision_gate(logits, self.precision)
+        weights = None if self.weights is None else torch.tensor(self.weights, device=logits.device)
+        return combine_teachers(logits, self.rule, self.temperature, weights, choice)
 
 
 def confidence_gate(logits: Tensor) -> Tensor:
