@@ -14,8 +14,9 @@ probability and entropy (calibration, against the full-KD student's).
 
 Speed, side by side in this run (``--repeats`` interleaved epochs, medians):
 
-* a sparse-target training step (top-k and sampled targets through ``kd_loss``) against the plain
-  student step (the same student and loader, cross-entropy only); target >= 0.9;
+* a sparse-target training step (top-k and sampled targets, through ``kdcache train``'s own
+  per-batch path: ``kdcache.objective.Objective``) against the plain student step (the same
+  student, loader and path, cross-entropy only: α = 0); target >= 0.9;
 * dump throughput with top-k and sampled captures against a full dump; target >= 0.95.
 """
 
@@ -35,9 +36,10 @@ import common  # noqa: E402
 
 import kdcache  # noqa: E402
 from kdcache.capture.dump import dump  # noqa: E402
-from kdcache.config import DumpConfig  # noqa: E402
+from kdcache.capture.outputs import to_device  # noqa: E402
+from kdcache.config import DumpConfig, TrainConfig  # noqa: E402
 from kdcache.loader import CacheDataset, make_loader  # noqa: E402
-from kdcache.losses import kd_loss  # noqa: E402
+from kdcache.objective import Objective, teacher_targets  # noqa: E402
 from pipelines.lm import data, distill, models  # noqa: E402
 
 QUALITY = [("full", "float16"), ("full", "uint8"),
@@ -167,17 +169,20 @@ def measure_speed(out: Path, args, device) -> dict:
 
     def trainer(capture: str, kd: bool):
         cache = kdcache.open(caches[capture])
-        ds = CacheDataset(cache, None, batch_size=32, seed=0, targets=None if kd else ())
+        cfg = TrainConfig(cache=str(caches[capture]), student=distill.STUDENT, data=None, out=str(speed_dir / "unused"),
+                          temperature=1.0, alpha=0.9 if kd else 0.0, batch_size=32, device=str(device))
+        objective = Objective(cfg, cache, student, online=False)
+        ds = CacheDataset(cache, None, batch_size=32, seed=0, targets=objective.arrays(cache))
         loader = make_loader(ds)
 
         def run(r: int) -> None:
             ds.set_epoch(r + 1000)
             for batch in loader:
-                x = {k: v.to(device) for k, v in batch["input"].items()}
+                x = to_device(batch["input"], device)
                 y, mask = batch["label"].to(device), batch["mask"].to(device)
-                s = student(**x)  # (B, L, V)
-                t = batch["targets"].to(device) if kd else None
-                loss = kd_loss(s, t, y, temperature=1.0, alpha=0.9 if kd else 0.0, mask=mask)
+                t = teacher_targets(batch, None, x, y.shape, device, "") if kd else None
+                s = objective.logits(student(**x), y.shape)  # (B, L, V)
+                loss = objective.total(objective.terms(s, t, y, mask, {}, batch, device, x))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

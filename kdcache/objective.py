@@ -26,7 +26,8 @@ from kdcache.features import FeatureTap, layer_names, parse_features, pool, pseu
 from kdcache.loader.multi import TEACHERS
 from kdcache.loader.targets import response_kind
 from kdcache.sources.tokens import MASK
-from kdcache.losses import Projector, attention_loss, ce_loss, feature_loss, rkd_angle, rkd_distance, soft_kl
+from kdcache.losses import (Projector, attention_loss, ce_loss, feature_loss, response_terms, rkd_angle, rkd_distance,
+                            soft_kl)
 from kdcache.toolkit import Toolkit
 
 ONE_ROW_BATCHNORM = "Expected more than 1 value per channel when training"  # torch's error
@@ -295,15 +296,18 @@ class Objective:
         soft = None
         if self.kit.active and self.needs_logits:  # per-row rules: labels, rows that count, rows with KD
             y, mask, soft = self.kit.rows(batch, y, mask, device)
-        if self.ce and soft is not None and self.kd:  # rows without a soft term: CE as at α = 0
-            out["loss/ce"] = self.kit.hard_term(s, y, mask, soft, self.alpha)
-        elif self.ce:
-            out["loss/ce"] = ce_loss(s, y, mask=mask)
-        if self.kd and not self.kit.active:
-            out["loss/kd"] = soft_kl(s, t, self.temperature, mask=mask)
-        elif self.kd:
-            teacher = self.kit.teacher(t, self.temperature, device)
-            out["loss/kd"] = self.kit.soft_term(s, teacher, self.temperature, mask, soft)
+        if self.ce and self.kd and not self.kit.active:  # one student log-softmax for both at T = 1
+            out["loss/ce"], out["loss/kd"] = response_terms(s, t, y, self.temperature, mask=mask)
+        else:
+            if self.ce and soft is not None and self.kd:  # rows without a soft term: CE as at α = 0
+                out["loss/ce"] = self.kit.hard_term(s, y, mask, soft, self.alpha)
+            elif self.ce:
+                out["loss/ce"] = ce_loss(s, y, mask=mask)
+            if self.kd and not self.kit.active:
+                out["loss/kd"] = soft_kl(s, t, self.temperature, mask=mask)
+            elif self.kd:
+                teacher = self.kit.teacher(t, self.temperature, device)
+                out["loss/kd"] = self.kit.soft_term(s, teacher, self.temperature, mask, soft)
         for term in self.features:
             out[term.key] = self._term_loss(term, feats, batch[term.map.array].to(device, non_blocking=True),
                                             pool_mask)

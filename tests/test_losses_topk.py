@@ -284,22 +284,62 @@ def test_rows_with_large_and_tiny_tails_in_one_batch():
     torch.testing.assert_close(grad.double(), ref_grad, rtol=0, atol=1e-4 * ref_grad.abs().max().item())
 
 
-@pytest.mark.parametrize("kind", ["dense", "topk"])
-def test_ce_and_soft_term_share_the_log_softmax_at_t1(kind):
-    """At T = 1 kd_loss computes one log-softmax for both terms: the same loss and gradient as the
-    two terms computed apart."""
-    from kdcache.losses import ce_loss
+@pytest.mark.parametrize("kind", ["dense", "topk", "topk-tiny-tail", "sampled"])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_ce_and_soft_term_share_the_log_softmax_at_t1(kind, temperature):
+    """At T = 1 kd_loss and response_terms compute one log-softmax for both terms (a sparse target
+    reads it only at the label and its ids): the same losses and gradient as the two terms computed
+    apart, padding and unlabelled rows included, and rows whose student tail is summed exactly."""
+    from kdcache.losses import SampledTargets, ce_loss
+    from kdcache.losses.response import response_terms
 
     gen = torch.Generator().manual_seed(7)
     z, s = _gauss(16, 50, 2.0, gen).float(), _gauss(16, 50, 1.0, gen).float()
     y = torch.randint(0, 50, (16,), generator=gen)
     y[3] = -1  # unlabelled
-    teacher = z if kind == "dense" else TopKTargets.from_logits(z, 5)
+    mask = torch.ones(16, dtype=torch.bool)
+    mask[5] = False  # padding
+    if kind == "dense":
+        teacher = z
+    elif kind == "sampled":
+        teacher = SampledTargets.from_logits(z, 12, temperature=temperature, generator=gen)
+    else:
+        teacher = TopKTargets.from_logits(z, 5, temperatures=(1.0, 2.0))
+        if kind == "topk-tiny-tail":  # the student puts all but ~1e-9 of its mass on the kept ids
+            s = s.scatter_add(-1, teacher.index, torch.full((16, 5), 25.0))
     a = s.clone().requires_grad_()
-    together = kd_loss(a, teacher, y, temperature=1.0, alpha=0.3)
+    together = kd_loss(a, teacher, y, temperature=temperature, alpha=0.3, mask=mask)
     together.backward()
     b = s.clone().requires_grad_()
-    apart = 0.7 * ce_loss(b, y) + 0.3 * soft_kl(b, teacher, 1.0)
+    apart = 0.7 * ce_loss(b, y, mask=mask) + 0.3 * soft_kl(b, teacher, temperature, mask=mask)
     apart.backward()
-    torch.testing.assert_close(together, apart, rtol=1e-6, atol=1e-7)
-    torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-7)
+    c = s.clone().requires_grad_()
+    ce, kd = response_terms(c, teacher, y, temperature, mask=mask)
+    (0.7 * ce + 0.3 * kd).backward()
+    torch.testing.assert_close(together, apart, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(ce, ce_loss(s, y, mask=mask), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(kd, soft_kl(s, teacher, temperature, mask=mask), rtol=1e-6, atol=1e-6)
+    for grad in (a.grad, c.grad):
+        torch.testing.assert_close(grad, b.grad, rtol=1e-5, atol=1e-6)
+    assert a.grad[5].abs().max() == 0  # the padding row gets nothing
+
+
+def test_picked_log_softmax_gradcheck():
+    """The one-pass backward of the picked log-softmax agrees with finite differences, through the
+    picked entries, through the full log-probabilities, and through both (float64)."""
+    from kdcache.losses.response import _PickedLogSoftmax
+
+    gen = torch.Generator().manual_seed(11)
+    s = _gauss(4, 9, 1.0, gen).requires_grad_()
+    index = torch.tensor([[0, 3, 3], [8, 1, 2], [4, 4, 4], [7, 0, 5]])
+    w = _gauss(4, 9, 1.0, gen)
+    for use in ("picked", "full", "both"):
+        def f(x, use=use):
+            picked, log_q = _PickedLogSoftmax.apply(x, index)
+            out = x.new_zeros(())
+            if use != "full":
+                out = out + (picked * torch.arange(1.0, 4.0, dtype=x.dtype)).sum()
+            if use != "picked":
+                out = out + (log_q[1:3] * w[1:3]).sum()  # a few rows only, as the exact tail reads them
+            return out
+        assert torch.autograd.gradcheck(f, (s,))

@@ -152,6 +152,48 @@ def _log1mexp(x: Tensor) -> Tensor:
     )
 
 
+class _PickedLogSoftmax(torch.autograd.Function):
+    """``log_softmax(s)`` (R, V) and its entries at ``index`` (R, M), with one (R, V) pass backward.
+
+    The sparse terms read the student's log-probabilities at a few ids per row (the label, the
+    teacher's top-k or sampled ids). Through autograd, each ``gather`` of a log-softmax sends back a
+    gradient of zeros over (R, V) with a scatter into it, then a sum of those, then the
+    log-softmax's own backward: with a large vocabulary these passes cost more than the student's
+    cross-entropy. Here the gradient is ``scatter(g) - softmax(s) * sum(g)`` (from
+    ``d log q_i / d s_j = [i = j] - q_j``) in one new tensor. The full ``log_q`` is returned too,
+    for the rare rows that need a sum over the other classes; a gradient through it, when there is
+    one, is added before the log-softmax backward.
+    """
+
+    @staticmethod
+    def forward(ctx, s: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
+        log_q = F.log_softmax(s, dim=-1)  # (R, V)
+        ctx.save_for_backward(log_q, index)
+        ctx.set_materialize_grads(False)
+        return log_q.gather(-1, index), log_q
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_picked: Tensor | None, grad_log_q: Tensor | None) -> tuple[Tensor | None, None]:
+        log_q, index = ctx.saved_tensors
+        if grad_picked is None and grad_log_q is None:
+            return None, None
+        total = log_q.new_zeros(log_q.shape[0]) if grad_picked is None else grad_picked.sum(-1)  # (R,)
+        if grad_log_q is not None:
+            total = total + grad_log_q.sum(-1)
+        grad = log_q.exp().mul_(-total[:, None])  # (R, V): -q_j * sum of the gradients of row r
+        if grad_picked is not None:
+            grad.scatter_add_(-1, index, grad_picked)
+        if grad_log_q is not None:
+            grad.add_(grad_log_q)
+        return grad, None
+
+
+def _picked(s: Tensor, index: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+    """The student's log-probabilities at T at ``index`` (R, M), and over all V (R, V)."""
+    return _PickedLogSoftmax.apply(s if temperature == 1.0 else s / temperature, index)
+
+
 class _TailLogMass(torch.autograd.Function):
     """``log sum_{v not in index} q_v`` of log-probabilities ``log_q`` (R, V) and ids ``index`` (R, K).
 
@@ -252,10 +294,12 @@ def _topk_log_probs(teacher: TopKTargets, temperature: float, dtype: torch.dtype
     return logprob / temperature + (lse_1 / temperature - lse_t)[:, None]  # (R, K)
 
 
-def _topk_rows(s: Tensor, teacher: TopKTargets, temperature: float, log_q: Tensor | None = None) -> Tensor:
-    log_q = _student_log_probs(s, temperature, log_q)  # (R, V), the student over all V classes
+def _topk_rows(s: Tensor, teacher: TopKTargets, temperature: float,
+               picked: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    """``picked``: the student's log-probabilities at the K ids and over all V (:func:`_picked`),
+    when the caller has them."""
     index = teacher.index  # (R, K)
-    log_q_kept = log_q.gather(-1, index)  # (R, K)
+    log_q_kept, log_q = picked if picked is not None else _picked(s, index, temperature)  # (R, K), (R, V)
     if teacher.mode == "renormalize":
         # p~_k = p_k / sum_j p_j: the z_k / T renormalized over the K ids, so lse_T cancels
         log_p = F.log_softmax(teacher.logprob.detach().to(s.dtype) / temperature, dim=-1)  # (R, K)
@@ -281,40 +325,80 @@ def _check_sampled_temperature(teacher: SampledTargets, temperature: float) -> N
         )
 
 
-def _sampled_rows(s: Tensor, teacher: SampledTargets, temperature: float, log_q: Tensor | None = None) -> Tensor:
-    """T^2 (-sum_m (c_m / N) log q_T(x_m) - H(p_T)): its mean over draws is T^2 KL(p_T || q_T)."""
-    log_q = _student_log_probs(s, temperature, log_q)  # (R, V)
-    count = teacher.count  # (R, M)
-    index = teacher.index.where(count > 0, 0)  # (R, M): a padding slot may hold any id
-    weight = count.to(s.dtype) / teacher.draws  # (R, M), 0 at padding slots
-    cross_entropy = -(weight * log_q.gather(-1, index)).sum(dim=-1)  # (R,)
+def _sampled_rows(s: Tensor, teacher: SampledTargets, temperature: float, picked: Tensor | None = None) -> Tensor:
+    """T^2 (-sum_m (c_m / N) log q_T(x_m) - H(p_T)): its mean over draws is T^2 KL(p_T || q_T).
+    ``picked``: the student's log-probabilities at :func:`_ids` when the caller has them."""
+    if picked is None:
+        picked = _picked(s, _ids(teacher), temperature)[0]  # (R, M)
+    weight = teacher.count.to(s.dtype) / teacher.draws  # (R, M), 0 at padding slots
+    cross_entropy = -(weight * picked).sum(dim=-1)  # (R,)
     return (cross_entropy - teacher.entropy.detach().to(s.dtype)) * temperature**2
 
 
-def _soft_rows(s: Tensor, teacher: Teacher, temperature: float, log_q: Tensor | None = None) -> Tensor:
-    """Per-row T^2 * KL of the flattened student logits (R, V); ``log_q``: their log-softmax at
-    ``temperature`` when the caller has it already. Returns (R,)."""
+def _ids(teacher: TopKTargets | SampledTargets) -> Tensor:
+    """The ids a sparse target reads the student at, (R, M): a sampled row's padding slots as id 0
+    (weight 0)."""
+    if isinstance(teacher, TopKTargets):
+        return teacher.index
+    return teacher.index.where(teacher.count > 0, 0)
+
+
+def _soft_rows(s: Tensor, teacher: Teacher, temperature: float) -> Tensor:
+    """Per-row T^2 * KL of the flattened student logits (R, V). Returns (R,)."""
     s = s.to(_compute_dtype(s))
     if isinstance(teacher, (Tensor, DenseTargets)):
         logits = teacher if isinstance(teacher, Tensor) else teacher.logits
-        return _dense_rows(s, logits.reshape(s.shape), temperature, log_q)
-    lead = teacher.index.ndim - 1
-    teacher = _map_tensors(teacher, lambda t: t.reshape(-1, *t.shape[lead:]))  # R rows
+        return _dense_rows(s, logits.reshape(s.shape), temperature)
+    teacher = _rows_of(teacher)
     if isinstance(teacher, TopKTargets):
-        return _topk_rows(s, teacher, temperature, log_q)
-    return _sampled_rows(s, teacher, temperature, log_q)
+        return _topk_rows(s, teacher, temperature)
+    return _sampled_rows(s, teacher, temperature)
+
+
+def _rows_of(teacher: TopKTargets | SampledTargets) -> TopKTargets | SampledTargets:
+    """A sparse target with its leading shape flattened to R rows."""
+    lead = teacher.index.ndim - 1
+    return _map_tensors(teacher, lambda t: t.reshape(-1, *t.shape[lead:]))
+
+
+def _both_rows(s: Tensor, teacher: Teacher, labels: Tensor, temperature: float,
+               valid: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """The hard and soft terms' per-row values and the labelled rows: ``(ce (R,), labelled (R,),
+    T^2 KL (R,))``. At T = 1 both read one student log-softmax: for a sparse target only at the
+    label and the target's ids (:class:`_PickedLogSoftmax`), for a dense one over all V."""
+    if temperature != 1.0:
+        ce, labelled = _ce_rows(s, labels, valid)
+        return ce, labelled, _soft_rows(s, teacher, temperature)
+    s = s.to(_compute_dtype(s))
+    if isinstance(teacher, (Tensor, DenseTargets)):
+        log_q = F.log_softmax(s, dim=-1)  # (R, V)
+        ce, labelled = _ce_rows(s, labels, valid, log_q)
+        logits = teacher if isinstance(teacher, Tensor) else teacher.logits
+        return ce, labelled, _dense_rows(s, logits.reshape(s.shape), temperature, log_q)
+    teacher = _rows_of(teacher)
+    labels = _hard_labels(labels, valid)  # (R,)
+    picked, log_q = _picked(s, torch.cat([labels.clamp_min(0)[:, None], _ids(teacher)], dim=-1), 1.0)
+    labelled = labels != IGNORE_INDEX
+    ce = -picked[:, 0].where(labelled, 0.0)  # (R,)
+    if isinstance(teacher, TopKTargets):
+        return ce, labelled, _topk_rows(s, teacher, temperature, (picked[:, 1:], log_q))
+    return ce, labelled, _sampled_rows(s, teacher, temperature, picked[:, 1:])
 
 
 def _student_log_probs(s: Tensor, temperature: float, log_q: Tensor | None) -> Tensor:
     return log_q if log_q is not None else F.log_softmax(s / temperature, dim=-1)
 
 
+def _hard_labels(labels: Tensor, valid: Tensor | None) -> Tensor:
+    """(R,) int64 labels, IGNORE_INDEX on unlabelled (any negative label) and padding rows."""
+    labels = labels.long().clamp_min(IGNORE_INDEX)
+    return labels if valid is None else labels.where(valid, IGNORE_INDEX)
+
+
 def _ce_rows(s: Tensor, labels: Tensor, valid: Tensor | None, log_q: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Per-row cross-entropy of (R, V) logits, 0 on unlabelled and padding rows, and the mask of
     the rows it counts; ``log_q``: their log-softmax when the caller has it. Returns (R,), (R,)."""
-    labels = labels.long().clamp_min(IGNORE_INDEX)  # (R,): any negative label means unlabelled
-    if valid is not None:
-        labels = labels.where(valid, IGNORE_INDEX)  # (R,)
+    labels = _hard_labels(labels, valid)  # (R,)
     if log_q is not None:  # the soft term's log-softmax at T = 1: one pass over (R, V) serves both
         return F.nll_loss(log_q, labels, ignore_index=IGNORE_INDEX, reduction="none"), labels != IGNORE_INDEX
     s = s.to(_compute_dtype(s))  # (R, V)
@@ -432,15 +516,37 @@ def kd_loss(
     valid = None if mask is None else mask.reshape(-1)  # (R,)
     dtype = _compute_dtype(student_logits)
     loss = s.new_zeros(lead if reduction == "none" else (), dtype=dtype)
-    # Both terms at T = 1 share one log-softmax: its forward and backward over (R, V) are most of
-    # the loss's cost with a large vocabulary (a token batch of an LM).
-    shared = F.log_softmax(s.to(dtype), dim=-1) if 0 < alpha < 1 and temperature == 1.0 else None  # (R, V)
-    if alpha < 1:  # hard term; skipped entirely at alpha=1
-        rows, labelled = _ce_rows(s, labels.reshape(-1), valid, shared)  # (R,), (R,)
-        loss = loss + (1 - alpha) * _reduce(rows, reduction, labelled.sum().clamp_min(1), lead)
-    if alpha > 0:  # soft term; skipped entirely at alpha=0, so a bad teacher cannot leak NaN into CE
-        rows = _soft_rows(s, teacher, temperature, shared)  # (R,)
+    if 0 < alpha < 1:  # both terms, sharing the student's log-softmax where they can
+        ce, labelled, soft = _both_rows(s, teacher, labels.reshape(-1), temperature, valid)
+    else:  # one term only: the other is skipped entirely (a bad teacher cannot leak NaN into CE)
+        ce, labelled = _ce_rows(s, labels.reshape(-1), valid) if alpha < 1 else (None, None)
+        soft = _soft_rows(s, teacher, temperature) if alpha > 0 else None
+    if ce is not None:
+        loss = loss + (1 - alpha) * _reduce(ce, reduction, labelled.sum().clamp_min(1), lead)
+    if soft is not None:
         if valid is not None:
-            rows = rows.where(valid, 0.0)
-        loss = loss + alpha * _reduce(rows, reduction, _valid_count(valid, s.shape[0]), lead)
+            soft = soft.where(valid, 0.0)
+        loss = loss + alpha * _reduce(soft, reduction, _valid_count(valid, s.shape[0]), lead)
     return loss
+
+
+def response_terms(
+    student_logits: Tensor, teacher: Teacher, labels: Tensor, temperature: float, *, mask: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """``(ce_loss(...), soft_kl(...))``, each the mean :func:`ce_loss` and :func:`soft_kl` give,
+    computed together so that at T = 1 they share the student's log-softmax (with a sparse target,
+    read only at the label and the target's ids): what a training step logs and weighs itself."""
+    _check_student(student_logits)
+    teacher = _check_teacher(student_logits, teacher, "")
+    _check_temperature(temperature)
+    lead = tuple(student_logits.shape[:-1])
+    _check_mask(mask, lead)
+    _check_labels(labels, lead, "")
+    if isinstance(teacher, SampledTargets):
+        _check_sampled_temperature(teacher, temperature)
+    s = student_logits.reshape(-1, student_logits.shape[-1])  # (R, V)
+    valid = None if mask is None else mask.reshape(-1)  # (R,)
+    ce, labelled, soft = _both_rows(s, teacher, labels.reshape(-1), temperature, valid)
+    if valid is not None:
+        soft = soft.where(valid, 0.0)
+    return ce.sum() / labelled.sum().clamp_min(1), soft.sum() / _valid_count(valid, s.shape[0])
