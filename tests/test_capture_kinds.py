@@ -130,6 +130,35 @@ def test_a_resumed_sampled_dump_draws_what_an_uninterrupted_one_does(models, tmp
         np.testing.assert_array_equal(got.read(name), ref.read(name))
 
 
+def test_a_partial_dump_begun_with_another_compression_resumes_as_begun(models, tmp_path, monkeypatch):
+    """An older kdcache wrote sample/entropy uncompressed: its partial dump resumes with this one,
+    each array kept as it was begun, and reads the same as a fresh dump (which compresses it)."""
+    import dataclasses
+
+    from kdcache.capture.kinds.sample import Sampled
+
+    ref = _dump(models, tmp_path / "ref.zarr", "sample:16")
+    assert ref.arrays["sample/entropy"].compressor == "zstd"
+    new_declare = Sampled.declare
+
+    def old_declare(self, logits, rows):
+        return [dataclasses.replace(a, compressor=None) if a.name == "sample/entropy" else a
+                for a in new_declare(self, logits, rows)]
+
+    out = tmp_path / "old.zarr"
+    monkeypatch.setattr(Sampled, "declare", old_declare)
+    with faults.armed("chunk-commit", chunk=2), pytest.raises(faults.Crash):
+        _dump(models, out, "sample:16")
+    monkeypatch.setattr(Sampled, "declare", new_declare)
+    got = _dump(models, out, "sample:16")
+    assert got.complete and got.arrays["sample/entropy"].compressor is None
+    for name in ("sample/index", "sample/count", "sample/entropy"):
+        np.testing.assert_array_equal(got.read(name), ref.read(name))
+    from kdcache.store.verify import verify
+
+    assert verify(got).ok
+
+
 def test_ids_of_a_262k_vocabulary(models, tmp_path):
     out = tmp_path / "w.zarr"
     dump(DumpConfig(teacher=f"{models}:wide", data=f"{models}:few", out=str(out), logits="topk:8", batch_size=16),

@@ -27,7 +27,10 @@ from kdcache.store.fs import Location
 from kdcache.store.schema import ArraySpec
 
 
-ZSTD_LEVEL = 3
+# zstd's level only changes the writing (any level decodes the same way). Measured on sampled
+# targets (65,536 tokens × 16 draws, uint16 ids): level 3 wrote 20.6 B a token of ids at 280 MB/s,
+# 9 writes 19.4 at 63 MB/s (50 ms a chunk, beside seconds of teacher forward), 19 wrote 18.6 at 3 MB/s
+ZSTD_LEVEL = 9
 
 
 def storage(meta: dict[str, Any], spec: ArraySpec, chunk_rows: int) -> str:

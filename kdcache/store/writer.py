@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import io
 import json
+from dataclasses import replace
 from typing import Any, Iterable
 
 import numpy as np
@@ -141,6 +142,10 @@ class Writer:
         """Create every array at full size (or check a resumed cache declares the same ones)."""
         arrays, columns = tuple(arrays), tuple(columns)
         if self.manifest.arrays:
+            # how a chunk is compressed is the partial dump's own (its zarr.json says): a kdcache
+            # that compresses an array another way resumes it as it was begun
+            arrays = tuple(replace(a, compressor=old.compressor) if a.name == old.name else a
+                           for a, old in zip(arrays, self.manifest.arrays))
             if self.manifest.arrays != arrays or self.manifest.columns != columns:
                 have = ", ".join(f"{a.name} {list(a.shape)} {a.dtype}" for a in self.manifest.arrays)
                 want = ", ".join(f"{a.name} {list(a.shape)} {a.dtype}" for a in arrays)
