@@ -266,7 +266,8 @@ def train(
     alpha: float = typer.Option(0.9, help="Weight of the soft term: (1-α)·CE + α·T²·KL."),
     seed: int = typer.Option(0, help="Seeds the student's initial weights and the sample order."),
     device: str = DeviceOpt,
-    num_workers: int = typer.Option(0, help="DataLoader worker processes."),
+    num_workers: Optional[int] = typer.Option(None, show_default=False, help="DataLoader worker processes "
+                                              "(default: 1 with several --cache on 2+ cores, else 0)."),
     shuffle_buffer: int = typer.Option(65536, help="Rows shuffled together each epoch."),
     drop_last: bool = typer.Option(False, help="Drop each epoch's last batch when it is partial (a BatchNorm "
                                    "student cannot train on a batch of one row)."),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -184,7 +185,7 @@ class TrainConfig:
     alpha: float = 0.9
     seed: int = 0
     device: str = "auto"
-    num_workers: int = 0
+    num_workers: int | None = None  # None: see loader_workers
     shuffle_buffer: int = 65536  # rows permuted together
     drop_last: bool = False  # drop each epoch's last partial batch (BatchNorm cannot train on one row)
     log_every: int = 50  # steps between reads of the training loss (a host sync each)
@@ -218,6 +219,14 @@ class TrainConfig:
     precision: str = "fp32"  # fp32, or bf16: the forward and loss under torch.autocast
     tensorboard: bool | None = None  # scalars to --out/tensorboard; None: on when tensorboard is installed
     save_every: int | None = None  # also save checkpoint.pt every N steps (always at each epoch's end)
+
+    @property
+    def loader_workers(self) -> int:
+        """--num-workers, or by default one loader process with several --cache on a machine of 2
+        or more cores (it joins and combines the teachers while the training step runs), else none."""
+        if self.num_workers is not None:
+            return self.num_workers
+        return 1 if self.extra_caches and not self.online and not self.follow and (os.cpu_count() or 1) >= 2 else 0
 
     def __post_init__(self) -> None:
         _text_settings(self)
@@ -259,7 +268,7 @@ class TrainConfig:
             raise ConfigError(f"--temperature must be > 0, got {self.temperature!r}")
         if not (isinstance(self.alpha, (int, float)) and 0 <= self.alpha <= 1):
             raise ConfigError(f"--alpha must be between 0 and 1, got {self.alpha!r}")
-        if not isinstance(self.num_workers, int) or self.num_workers < 0:
+        if self.num_workers is not None and (not isinstance(self.num_workers, int) or self.num_workers < 0):
             raise ConfigError(f"--num-workers must be 0 or more, got {self.num_workers!r}")
         _positive("--shuffle-buffer", self.shuffle_buffer)
         _positive("--log-every", self.log_every)

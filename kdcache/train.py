@@ -180,12 +180,13 @@ def _prepare(cfg: TrainConfig, world: World, device: torch.device, overwrite: bo
     params = _trainable(student, cfg.student)
     objective = Objective(cfg, cache, student, online=teacher is not None)
     source = cache if cache is not None else DatasetRows(len(data))
-    dataset = objective.kit.dataset(source, data, combine_in_loader=device.type != "cuda" or cfg.num_workers > 0,
+    workers = cfg.loader_workers
+    dataset = objective.kit.dataset(source, data, combine_in_loader=device.type != "cuda" or workers > 0,
                                     batch_size=cfg.batch_size, seed=cfg.seed,
                                     shuffle_buffer=cfg.shuffle_buffer, drop_last=cfg.drop_last, rank=world.rank,
                                     world=world.size, targets=objective.arrays(cache), topk_mode=cfg.topk_mode,
                                     follow=cfg.follow_timeout if cfg.follow else None)
-    loader = make_loader(dataset, num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
+    loader = make_loader(dataset, num_workers=workers, pin_memory=device.type == "cuda")
     _check_batches(dataset, cfg, world)
     classes = _check_student(student, teacher, dataset, cfg, device, objective)  # builds the projectors
     params = params + objective.parameters()

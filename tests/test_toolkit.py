@@ -171,6 +171,17 @@ def test_the_loader_combines_as_the_training_step_would(kit):
             assert batches == len(joined)
 
 
+def test_several_caches_default_to_one_loader_worker(kit, monkeypatch):
+    """By default a run with several caches combines them in one loader process (on 2+ cores); an
+    explicit --num-workers, or one cache, keeps what it says."""
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    assert _cfg(kit, "w", extra_caches=(kit["b"],)).loader_workers == 1
+    assert _cfg(kit, "w", extra_caches=(kit["b"],), num_workers=0).loader_workers == 0
+    assert _cfg(kit, "w").loader_workers == 0
+    monkeypatch.setattr("os.cpu_count", lambda: 1)
+    assert _cfg(kit, "w", extra_caches=(kit["b"],)).loader_workers == 0
+
+
 def test_without_loader_combining_the_step_combines_on_the_device(kit):
     """CUDA without loader workers: the batch carries the joined logits and Toolkit.teacher
     combines them where the step runs, to the same targets."""
@@ -234,7 +245,7 @@ def test_several_teachers_train_with_every_rule(kit):
     odds = [a / (1 - a) for a in acc]
     assert summary["toolkit"]["weights"] == pytest.approx([o / sum(odds) for o in odds], abs=1e-5)
     # a weight of 1 on one teacher is that teacher alone
-    alone = _run(kit, "multi-alone", **caches, combine="weighted:1,0")
+    alone = _run(kit, "multi-alone", **caches, combine="weighted:1,0", num_workers=0)  # float32 targets: exact
     single = _run(kit, "single-a")
     assert alone["final"]["loss/kd"] == pytest.approx(single["final"]["loss/kd"], rel=1e-5)
 
