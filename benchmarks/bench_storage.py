@@ -17,7 +17,9 @@ Speed, side by side in this run (``--repeats`` interleaved epochs, medians):
 * a sparse-target training step (top-k and sampled targets, through ``kdcache train``'s own
   per-batch path: ``kdcache.objective.Objective``) against the plain student step (the same
   student, loader and path, cross-entropy only: α = 0); target >= 0.9;
-* dump throughput with top-k and sampled captures against a full dump; target >= 0.95.
+* dump throughput with top-k and sampled captures against a full dump (target >= 0.95) and
+  against the bare teacher forward over the same sequences, batch size and device (target >= 0.9,
+  set for a GPU; on a CPU the ratio is measured all the same).
 """
 
 from __future__ import annotations
@@ -157,13 +159,34 @@ def measure_speed(out: Path, args, device) -> dict:
                             overwrite=True, device=str(device)), progress=False)
         return run
 
+    def bare():
+        """The teacher's forward alone over the dump's batch size, on pre-padded batches of the
+        same sequences in a seeded random order: nothing reduced, copied to the host or written."""
+        from kdcache.sources import load_dataset, load_module
+        from kdcache.sources.tokens import fetch_padded
+
+        teacher = load_module(distill.TEACHER, "--teacher", str(data.lm_dir() / "teacher.pt")).to(device).eval()
+        items = load_dataset(distill.TRAIN, "--data")
+        order = torch.randperm(len(items), generator=torch.Generator().manual_seed(0)).tolist()
+        batches = [{k: v.to(device) for k, v in fetch_padded(items, order[i:i + 32])[0].items()}
+                   for i in range(0, len(order), 32)]
+
+        def run(r: int) -> None:
+            with torch.no_grad():
+                for batch in batches:
+                    teacher(**batch)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        return run
+
     if args.skip_dump_speed:  # the caches of an earlier run, only the training steps timed
         missing = [str(p) for p in caches.values() if not p.exists()]
         if missing:
             sys.exit(f"--skip-dump-speed: no caches of an earlier speed run at {', '.join(missing)}")
         dump_times = {}
     else:
-        dump_times = common.interleaved({c: dumper(c) for c in caches}, args.repeats, args.warmup, device)
+        dump_times = common.interleaved({"bare forward": bare(), **{c: dumper(c) for c in caches}}, args.repeats,
+                                        args.warmup, device)
     student = models.student().to(device)
     opt = torch.optim.AdamW(student.parameters(), lr=1e-3)
 
@@ -195,14 +218,19 @@ def measure_speed(out: Path, args, device) -> dict:
     med_train = {k: statistics.median(v) for k, v in train_times.items()}
     if med_dump:
         print("\ndump (same teacher and tokens):")
-        print(common.table([[k, f"{v:.2f}", f"{med_dump['full'] / v:.3f}"] for k, v in med_dump.items()],
-                           ["capture", "median s", "throughput x full"]))
+        print(common.table([[k, f"{v:.2f}", f"{med_dump['full'] / v:.3f}", f"{med_dump['bare forward'] / v:.3f}"]
+                            for k, v in med_dump.items()], ["capture", "median s", "throughput x full", "x bare forward"]))
     print("training epoch (same student and loader):")
     print(common.table([[k, f"{v:.2f}", f"{med_train['plain (CE)'] / v:.3f}"] for k, v in med_train.items()],
                        ["step", "median s/epoch", "steps/s x plain"]))
     verdicts = [common.verdict(f"{c} dump / full dump", med_dump["full"] / med_dump[c], 0.95,
                                common.paired(dump_times["full"], dump_times[c]))
                 for c in ("topk:32", "sample:50") if med_dump]
+    # the issue's 0.9 x bare forward is a GPU target; on a CPU the same ratio is measured and labelled
+    verdicts += [common.verdict(f"{c} dump / bare teacher forward ({device.type})",
+                                med_dump["bare forward"] / med_dump[c], 0.9,
+                                common.paired(dump_times["bare forward"], dump_times[c]))
+                 for c in ("topk:32", "sample:50") if med_dump]
     verdicts += [common.verdict(f"{k} step / plain step", med_train["plain (CE)"] / med_train[k], 0.9,
                                 common.paired(train_times["plain (CE)"], train_times[k]))
                  for k in ("top-k:32 KD", "sample:50 KD")]
