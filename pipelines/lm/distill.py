@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import kdcache
 from kdcache.capture.dump import dump
 from kdcache.config import DumpConfig, TrainConfig
 from kdcache.store.info import describe
@@ -70,20 +71,30 @@ def dump_cache(root: Path, capture: str, values: str = "float16", temperatures: 
     return Cache(name, capture, values, out, seconds, result.rows, info["bytes"], targets)
 
 
+def _same_run(summary: dict, cfg: TrainConfig, cache: Cache) -> bool:
+    """Whether a finished run was trained with ``cfg``'s settings from this very cache."""
+    done = summary.get("config", {})
+    keys = ("epochs", "batch_size", "lr", "temperature", "alpha", "seed", "topk_mode")
+    manifest = kdcache.open(cache.path).manifest
+    made_from = {"teacher": manifest.teacher.digest, "data": manifest.data.fingerprint,
+                 "capture": manifest.capture_fingerprint}
+    return all(done.get(k) == getattr(cfg, k) for k in keys) and summary.get("fingerprints") == made_from
+
+
 def train_student(root: Path, cache: Cache, *, alpha: float, temperature: float = 1.0, topk_mode: str = "tail",
                   epochs: int = 3, seed: int = 0, tag: str = "") -> dict:
     """Train the student from ``cache`` (alpha 0: labels only) and measure it on the held-out split:
     perplexity, next-token accuracy, and KL(teacher ‖ student) per token."""
-    name = tag or f"{cache.name}-a{alpha:g}-T{temperature:g}-{topk_mode}-s{seed}"
+    name = f"{tag or f'{cache.name}-a{alpha:g}-T{temperature:g}-{topk_mode}-s{seed}'}-e{epochs}"
     run = root / "students" / name
+    cfg = TrainConfig(student=STUDENT, data=None, cache=str(cache.path), out=str(run), epochs=epochs, batch_size=32,
+                      lr=3e-3, temperature=temperature, alpha=alpha, seed=seed, topk_mode=topk_mode, device="cpu")
     summary_path = run / "summary.json"
-    if summary_path.exists():
-        summary = json.loads(summary_path.read_text())
-    else:
-        summary = train(TrainConfig(student=STUDENT, data=None, cache=str(cache.path), out=str(run), epochs=epochs,
-                                    batch_size=32, lr=3e-3, temperature=temperature, alpha=alpha, seed=seed,
-                                    topk_mode=topk_mode, device="cpu"), progress=False, overwrite=True)
     held_out_path = run / "heldout.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else None
+    if summary is None or not _same_run(summary, cfg, cache):  # a run of other settings is trained again
+        held_out_path.unlink(missing_ok=True)
+        summary = train(cfg, progress=False, overwrite=True)
     if held_out_path.exists():
         held_out = json.loads(held_out_path.read_text())
     else:
