@@ -41,7 +41,7 @@ import kdcache
 from kdcache.config import TrainConfig, parse_combine
 from kdcache.errors import ConfigError
 from kdcache.loader import CacheDataset
-from kdcache.loader.multi import TEACHERS, MultiCacheDataset, check_joinable
+from kdcache.loader.multi import MultiCacheDataset, check_joinable
 from kdcache.loader.targets import response_kind
 from kdcache.losses import DenseTargets, ce_loss, soft_kl
 from kdcache.losses.multi import Combiner, accuracy_weights, per_class_precision

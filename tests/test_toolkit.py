@@ -19,7 +19,7 @@ from kdcache.config import DumpConfig, TrainConfig
 from kdcache.datasets import digits_train
 from kdcache.errors import ConfigError
 from kdcache.loader.multi import MultiCacheDataset
-from kdcache.losses import kd_loss, soft_kl
+from kdcache.losses import kd_loss
 from kdcache.losses.multi import (accuracy_weights, combine_teachers, confidence_gate, per_class_precision,
                                   precision_gate)
 from kdcache.losses.partial import novel_rows, partial_kd_loss, restrict
