@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import statistics
 from pathlib import Path
 
@@ -12,6 +13,22 @@ from kdcache.config import DumpConfig, TrainConfig
 from kdcache.train import train
 
 DATA = "pipelines.toolkit.data"
+
+
+def arguments(argv: list[str] | None, doc: str, out: str, epochs: int,
+              alpha: float | None = None) -> tuple[argparse.Namespace, Path]:
+    """A toolkit pipeline's flags (``--out``, ``--seeds``, ``--epochs``, and ``--alpha`` when it has
+    a default) and its output directory, made."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--out", default=out)
+    ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--epochs", type=int, default=epochs)
+    if alpha is not None:
+        ap.add_argument("--alpha", type=float, default=alpha)
+    args = ap.parse_args(argv)
+    path = Path(args.out)
+    path.mkdir(parents=True, exist_ok=True)
+    return args, path
 
 
 def dump_teacher(model: torch.nn.Module, factory: str, data: str, out: Path, **kw) -> str:

@@ -15,13 +15,10 @@ The same from the shell, for one seed:
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
-
 import torch
 
 from pipelines.toolkit import data as D
-from pipelines.toolkit.common import DATA, dump_teacher, student_run, table
+from pipelines.toolkit.common import DATA, arguments, dump_teacher, student_run, table
 
 SETTINGS = (
     ("A alone", {}),
@@ -35,13 +32,7 @@ SETTINGS = (
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="runs/toolkit-multi")
-    ap.add_argument("--seeds", type=int, default=5)
-    ap.add_argument("--epochs", type=int, default=60)
-    args = ap.parse_args(argv)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    args, out = arguments(argv, __doc__, "runs/toolkit-multi", epochs=60)
 
     fit, test = D.fit(), D.test()
     a = D.train_teacher(D.teacher(), fit.inputs, fit.labels)

@@ -10,27 +10,17 @@ labels with each preset, over several seeds, and are scored on the clean test sp
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
-
 import numpy as np
 
 import kdcache
 from pipelines.toolkit import data as D
-from pipelines.toolkit.common import DATA, dump_teacher, student_run, table
+from pipelines.toolkit.common import DATA, arguments, dump_teacher, student_run, table
 
 PRESETS = ("keep", "drop-kd", "drop-row", "trust-teacher")
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="runs/toolkit-noisy")
-    ap.add_argument("--seeds", type=int, default=5)
-    ap.add_argument("--epochs", type=int, default=30)
-    ap.add_argument("--alpha", type=float, default=0.5)
-    args = ap.parse_args(argv)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    args, out = arguments(argv, __doc__, "runs/toolkit-noisy", epochs=30, alpha=0.5)
 
     noisy, test = D.noisy(), D.test()
     teacher = D.train_teacher(D.teacher(), noisy.inputs, noisy.labels)

@@ -11,24 +11,14 @@ only on rows labelled 8 or 9. Test accuracy on digits 0-7 and on the novel 8-9, 
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
-
 from pipelines.toolkit import data as D
-from pipelines.toolkit.common import DATA, dump_teacher, student_run, table
+from pipelines.toolkit.common import DATA, arguments, dump_teacher, student_run, table
 
 CLASS_MAP = ",".join(f"{c}:{c}" for c in range(8))
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="runs/toolkit-partial")
-    ap.add_argument("--seeds", type=int, default=5)
-    ap.add_argument("--epochs", type=int, default=60)
-    ap.add_argument("--alpha", type=float, default=0.5)
-    args = ap.parse_args(argv)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    args, out = arguments(argv, __doc__, "runs/toolkit-partial", epochs=60, alpha=0.5)
 
     fit, test = D.fit(), D.test()
     known = fit.labels < 8
