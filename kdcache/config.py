@@ -226,7 +226,7 @@ class TrainConfig:
         or more cores (it joins and combines the teachers while the training step runs), else none."""
         if self.num_workers is not None:
             return self.num_workers
-        return 1 if self.extra_caches and not self.online and not self.follow and (os.cpu_count() or 1) >= 2 else 0
+        return 1 if self.extra_caches and (os.cpu_count() or 1) >= 2 else 0  # (refused with --online, --follow)
 
     def __post_init__(self) -> None:
         _text_settings(self)

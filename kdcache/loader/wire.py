@@ -80,7 +80,7 @@ def _walk(obj: Any, fn) -> Any:
         return {k: fn(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)) and type(obj) in (list, tuple):
         return type(obj)(fn(v) for v in obj)
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type) and not isinstance(obj, _ByValue):
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         new = copy.copy(obj)  # not dataclasses.replace: the target kinds' checks ran in the worker already
         for f in dataclasses.fields(obj):
             object.__setattr__(new, f.name, fn(getattr(obj, f.name)))
