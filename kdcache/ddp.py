@@ -119,6 +119,13 @@ def process_group(world: World, device: torch.device) -> Iterator[None]:
     dist.init_process_group(backend, timeout=TIMEOUT, rank=world.rank, world_size=world.size)
     try:
         yield
+        # The ranks leave together. This also matters to a gloo rank with nothing left to do after
+        # the run's last collective: the group's worker thread, which outlives destroy_process_group
+        # once DDP has used the group, still takes the GIL to release that collective's tensors. If
+        # the interpreter is already finalizing then, the process aborts ("terminate called without
+        # an active exception"). The barrier's wait releases the GIL so that the thread finishes first.
+        with peers_watched(world):
+            dist.barrier()
     finally:
         dist.destroy_process_group()
 
