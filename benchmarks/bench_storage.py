@@ -7,6 +7,8 @@ capture — full float16, top-k (8, 32, 128) and sampled (N = 16, 50, 100), each
 with and without quantized values (uint8) — the teacher is dumped once, a student is trained from
 the cache (same seed, epochs, T = 1, alpha = 0.9), and measured on the held-out split. Beside them, a
 student from labels alone, and top-k renormalized against top-k with a tail bucket.
+``--teacher peaked`` uses the same teacher at temperature 0.5 (its held-out entropy 1.8 nats, not
+5.4; top-1 probability 0.55), the shape of a large LM's typical token.
 
 Columns: the targets' bytes a token on disk, the whole cache's, held-out KL(teacher ‖ student) per
 token, its ratio to the full-logit student's, next-token accuracy, perplexity, the student's top-1
@@ -55,6 +57,8 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=distill.DEFAULT_TOKENS)
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--alpha", type=float, default=0.9)
+    p.add_argument("--teacher", choices=tuple(distill.TEACHERS), default="teacher",
+                   help="quality: the pipeline's teacher, or it at temperature 0.5 (peaked: 1.8 nats, not 5.4)")
     p.add_argument("--speed-tokens", type=int, default=30_000, help="tokens of the speed comparisons")
     p.add_argument("--seeds", type=lambda t: [int(x) for x in t.split(",")], default=[0],
                    help="student seeds (comma-separated): each variant trains once per seed; the table shows means")
@@ -82,7 +86,7 @@ def main() -> None:
 def quality(out: Path, args) -> list[dict]:
     """Dump each capture once, train a student from each (per seed), measure them on held-out text."""
     chosen = [(c, v) for c, v in QUALITY if not args.only or c in args.only or f"{c}:{v}" in args.only]
-    caches = {(c, v): distill.dump_cache(out, c, v) for c, v in chosen}
+    caches = {(c, v): distill.dump_cache(out, c, v, teacher=args.teacher) for c, v in chosen}
     runs = []  # (capture label, values, cache, topk mode)
     if not args.only or "labels" in args.only:
         runs.append(("labels only", "", None, "tail"))
@@ -93,9 +97,11 @@ def quality(out: Path, args) -> list[dict]:
     for seed in args.seeds:
         for label, values, cache, mode in runs:
             if cache is None:  # labels only: alpha 0 over any cache of the same tokens
-                any_cache = next(iter(caches.values())) if caches else distill.dump_cache(out, "sample:16", "float16")
+                any_cache = next(iter(caches.values())) if caches else distill.dump_cache(out, "sample:16", "float16",
+                                                                                         teacher=args.teacher)
+                tag = ("" if args.teacher == "teacher" else f"{args.teacher}-") + "labels-only"
                 row = distill.train_student(out, any_cache, alpha=0.0, epochs=args.epochs, seed=seed,
-                                            tag="labels-only" + (f"-s{seed}" if seed else ""))
+                                            tag=tag + (f"-s{seed}" if seed else ""))
                 rows.append({**row, "capture": label, "values": "", "bytes": 0.0, "cache_bytes": 0.0, "ids": 0.0})
                 continue
             row = distill.train_student(out, cache, alpha=args.alpha, epochs=args.epochs, topk_mode=mode, seed=seed)
@@ -116,8 +122,8 @@ def quality(out: Path, args) -> list[dict]:
                       f"{mean['accuracy']:.4f}", f"{mean['perplexity']:.2f}", f"{mean['top1']:.3f}",
                       f"{mean['entropy']:.3f}"])
     tokens = next(iter(caches.values())).tokens if caches else 0
-    print(f"\nteacher {distill.TEACHER}; students on {tokens:,} tokens, {args.epochs} epochs, alpha {args.alpha}, T 1, "
-          f"seeds {','.join(map(str, args.seeds))} (means over seeds)")
+    print(f"\nteacher {distill.TEACHERS[args.teacher]}; students on {tokens:,} tokens, {args.epochs} epochs, "
+          f"alpha {args.alpha}, T 1, seeds {','.join(map(str, args.seeds))} (means over seeds)")
     print(common.table(table, ["capture", "values", "ids/token", "target B/token", "cache B/token", "held-out KL",
                                "KL per seed", "x full KL", "accuracy", "perplexity", "top-1 p", "entropy"]))
     return rows

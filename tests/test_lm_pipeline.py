@@ -209,3 +209,21 @@ def test_teacher_checkpoint_is_saved_loadable_and_reused(lm_dir, capsys):
     assert "unigram perplexity" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="prepared with"):
         prepare_data(lm_dir, max_len=MAX_LEN, vocab=VOCAB * 2)
+
+
+def test_the_peaked_teacher_is_the_teacher_at_half_temperature_with_its_own_fingerprint(lm_dir):
+    from kdcache.fingerprint import teacher_digest
+
+    train_teacher(lm_dir, steps=2, log=lambda *a: None)
+    state = torch.load(lm_dir / "teacher.pt", weights_only=True)
+    teacher, peaked = models.teacher(lm_dir), models.peaked_teacher(lm_dir)
+    teacher.load_state_dict(state)
+    peaked.load_state_dict(state)  # the teacher's checkpoint, as is
+    ids = torch.randint(0, VOCAB, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(peaked(ids), teacher(ids) / models.PEAKED)
+        p = F.softmax(peaked(ids), -1)
+        q = F.softmax(teacher(ids), -1)
+    assert (p.max(-1).values > q.max(-1).values).all()  # sharper at every position
+    # a cache of one is never taken for a cache of the other
+    assert teacher_digest(peaked) != teacher_digest(teacher)

@@ -26,6 +26,7 @@ from pipelines.lm.evaluate import evaluate
 
 HERE = Path(__file__).resolve().parent
 TEACHER = f"{HERE / 'models.py'}:teacher"
+TEACHERS = {"teacher": TEACHER, "peaked": f"{HERE / 'models.py'}:peaked_teacher"}  # --teacher of the benches
 STUDENT = f"{HERE / 'models.py'}:student"
 TRAIN = f"{HERE / 'distill.py'}:train_subset"
 VALID = f"{HERE / 'data.py'}:valid"
@@ -54,25 +55,28 @@ class Cache:
     tokens: int
     bytes: int  # the whole cache on disk
     target_bytes: int  # the teacher's targets alone (what the capture stores)
+    teacher: str = "teacher"  # a key of TEACHERS
 
     @property
     def bytes_per_token(self) -> float:
         return self.target_bytes / self.tokens
 
 
-def dump_cache(root: Path, capture: str, values: str = "float16", temperatures: str = "1") -> Cache:
-    """Dump the teacher over the training subset with ``--logits capture --values values`` (reused
-    when it exists), keeping the input ids so students need no tokenizer."""
-    name = f"{capture}-{values}".replace(":", "")
+def dump_cache(root: Path, capture: str, values: str = "float16", temperatures: str = "1",
+               teacher: str = "teacher") -> Cache:
+    """Dump ``teacher`` (a key of :data:`TEACHERS`) over the training subset with ``--logits
+    capture --values values`` (reused when it exists), keeping the input ids so students need no
+    tokenizer."""
+    name = ("" if teacher == "teacher" else f"{teacher}-") + f"{capture}-{values}".replace(":", "")
     out = root / "caches" / f"{name}.zarr"
-    result = dump(DumpConfig(teacher=TEACHER, checkpoint=str(data.lm_dir() / "teacher.pt"), data=TRAIN,
+    result = dump(DumpConfig(teacher=TEACHERS[teacher], checkpoint=str(data.lm_dir() / "teacher.pt"), data=TRAIN,
                              out=str(out), logits=capture, values=values, temperatures=temperatures,
                              batch_size=32, store_inputs=True), progress=False)
     seconds = result.seconds if result.action != "reuse" else float("nan")
     info = describe(str(out))
     targets = sum(a["bytes"] for n, a in info["arrays"].items()
                   if n not in ("index", "offsets", "table") and not n.startswith("inputs/"))
-    return Cache(name, capture, values, out, seconds, result.rows, info["bytes"], targets)
+    return Cache(name, capture, values, out, seconds, result.rows, info["bytes"], targets, teacher)
 
 
 def _same_run(summary: dict, cfg: TrainConfig, cache: Cache) -> bool:
@@ -105,7 +109,7 @@ def train_student(root: Path, cache: Cache, *, alpha: float, temperature: float 
     else:
         student = models.student()
         student.load_state_dict(torch.load(run / "student.pt", weights_only=True))
-        teacher = models.teacher()
+        teacher = models.peaked_teacher() if cache.teacher == "peaked" else models.teacher()
         teacher.load_state_dict(torch.load(data.lm_dir() / "teacher.pt", weights_only=True))
         held_out = evaluate(student, data.valid(), teacher=teacher)
         held_out_path.write_text(json.dumps(held_out))

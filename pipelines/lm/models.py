@@ -106,8 +106,30 @@ TEACHER = dict(n_layers=4, d_model=192, n_heads=4)
 STUDENT = dict(n_layers=1, d_model=96, n_heads=2)
 
 
+# The peaked teacher's temperature: at 0.5 its mean entropy on held-out text is 1.8 nats and its
+# top-1 probability 0.55 (the teacher's: 5.4 nats, 0.19), closer to a large LM's typical token.
+PEAKED = 0.5
+
+
+class PeakedLM(TransformerLM):
+    """A TransformerLM whose logits are divided by ``temperature`` (< 1 sharpens them). It loads
+    the teacher's checkpoint as is; the temperature is part of its fingerprint."""
+
+    def __init__(self, *args, temperature: float, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.temperature = temperature
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return super().forward(input_ids, attention_mask) / self.temperature
+
+
 def teacher(path: str | Path | None = None) -> TransformerLM:
     return TransformerLM(*prepared(path), **TEACHER)
+
+
+def peaked_teacher(path: str | Path | None = None) -> PeakedLM:
+    """The trained teacher's weights, its logits divided by :data:`PEAKED`."""
+    return PeakedLM(*prepared(path), **TEACHER, temperature=PEAKED)
 
 
 def student(path: str | Path | None = None) -> TransformerLM:
