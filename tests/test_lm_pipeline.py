@@ -225,5 +225,7 @@ def test_the_peaked_teacher_is_the_teacher_at_half_temperature_with_its_own_fing
         p = F.softmax(peaked(ids), -1)
         q = F.softmax(teacher(ids), -1)
     assert (p.max(-1).values > q.max(-1).values).all()  # sharper at every position
-    # a cache of one is never taken for a cache of the other
-    assert teacher_digest(peaked) != teacher_digest(teacher)
+    # a cache of one is never taken for a cache of the other, nor of another temperature
+    sharper = models.PeakedLM(*models.prepared(lm_dir), **models.TEACHER, temperature=0.25)
+    sharper.load_state_dict(state)
+    assert len({teacher_digest(teacher), teacher_digest(peaked), teacher_digest(sharper)}) == 3
