@@ -19,6 +19,7 @@ from rich.markup import escape
 from rich.table import Column, Table
 
 from kdcache.cliconfig import merged_params, merged_params_and_settings, require
+from kdcache.ddp import exit_now
 from kdcache.errors import KDCacheError
 
 app = typer.Typer(
@@ -760,7 +761,14 @@ def born_again(
 
 
 def main() -> None:
-    app()
+    try:
+        app()
+    except SystemExit as e:
+        code = e.code
+        if code is None or isinstance(code, int):
+            exit_now(code or 0)  # a torchrun rank ends here (kdcache.ddp.exit_now); any other process goes on
+        raise
+    exit_now(0)
 
 
 if __name__ == "__main__":

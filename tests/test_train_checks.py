@@ -212,6 +212,12 @@ def test_world_size_1_and_rank_0_are_one_process(run, tmp_path):
     assert [m["rows"] for m in metrics(tmp_path / "run")] == [1258]  # the whole data, not a shard
 
 
+def test_only_a_process_that_opened_a_process_group_skips_finalization():
+    from kdcache.ddp import exit_now
+
+    exit_now(3)  # this process opened none: it goes on (else pytest itself would end here, with 3)
+
+
 def test_world_size_in_a_real_process(tmp_path, monkeypatch, models_file, digits_cache):
     monkeypatch.setenv("WORLD_SIZE", "4")
     r = run_cli("train", "-q", "--cache", digits_cache, "--data", DATA, "--student", f"{models_file}:student",
