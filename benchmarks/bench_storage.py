@@ -99,9 +99,8 @@ def quality(out: Path, args) -> list[dict]:
             if cache is None:  # labels only: alpha 0 over any cache of the same tokens
                 any_cache = next(iter(caches.values())) if caches else distill.dump_cache(out, "sample:16", "float16",
                                                                                          teacher=args.teacher)
-                tag = ("" if args.teacher == "teacher" else f"{args.teacher}-") + "labels-only"
                 row = distill.train_student(out, any_cache, alpha=0.0, epochs=args.epochs, seed=seed,
-                                            tag=tag + (f"-s{seed}" if seed else ""))
+                                            tag="labels-only" + (f"-s{seed}" if seed else ""))
                 rows.append({**row, "capture": label, "values": "", "bytes": 0.0, "cache_bytes": 0.0, "ids": 0.0})
                 continue
             row = distill.train_student(out, cache, alpha=args.alpha, epochs=args.epochs, topk_mode=mode, seed=seed)

@@ -19,6 +19,7 @@ import torch
 import kdcache
 from kdcache.capture.dump import dump
 from kdcache.config import DumpConfig, TrainConfig
+from kdcache.sources.specs import load_module
 from kdcache.store.info import describe
 from kdcache.train import train
 from pipelines.lm import data, models
@@ -62,12 +63,17 @@ class Cache:
         return self.target_bytes / self.tokens
 
 
+def _prefix(teacher: str) -> str:
+    """What the names of a teacher's caches and students start with (nothing for the teacher)."""
+    return "" if teacher == "teacher" else f"{teacher}-"
+
+
 def dump_cache(root: Path, capture: str, values: str = "float16", temperatures: str = "1",
                teacher: str = "teacher") -> Cache:
     """Dump ``teacher`` (a key of :data:`TEACHERS`) over the training subset with ``--logits
     capture --values values`` (reused when it exists), keeping the input ids so students need no
     tokenizer."""
-    name = ("" if teacher == "teacher" else f"{teacher}-") + f"{capture}-{values}".replace(":", "")
+    name = _prefix(teacher) + f"{capture}-{values}".replace(":", "")
     out = root / "caches" / f"{name}.zarr"
     result = dump(DumpConfig(teacher=TEACHERS[teacher], checkpoint=str(data.lm_dir() / "teacher.pt"), data=TRAIN,
                              out=str(out), logits=capture, values=values, temperatures=temperatures,
@@ -94,7 +100,8 @@ def train_student(root: Path, cache: Cache, *, alpha: float, temperature: float 
                   epochs: int = 3, seed: int = 0, tag: str = "") -> dict:
     """Train the student from ``cache`` (alpha 0: labels only) and measure it on the held-out split:
     perplexity, next-token accuracy, and KL(teacher ‖ student) per token."""
-    name = f"{tag or f'{cache.name}-a{alpha:g}-T{temperature:g}-{topk_mode}-s{seed}'}-e{epochs}"
+    stem = _prefix(cache.teacher) + tag if tag else f"{cache.name}-a{alpha:g}-T{temperature:g}-{topk_mode}-s{seed}"
+    name = f"{stem}-e{epochs}"
     run = root / "students" / name
     cfg = TrainConfig(student=STUDENT, data=None, cache=str(cache.path), out=str(run), epochs=epochs,
                       temperature=temperature, alpha=alpha, seed=seed, topk_mode=topk_mode, device="cpu", **RECIPE)
@@ -109,8 +116,7 @@ def train_student(root: Path, cache: Cache, *, alpha: float, temperature: float 
     else:
         student = models.student()
         student.load_state_dict(torch.load(run / "student.pt", weights_only=True))
-        teacher = models.peaked_teacher() if cache.teacher == "peaked" else models.teacher()
-        teacher.load_state_dict(torch.load(data.lm_dir() / "teacher.pt", weights_only=True))
+        teacher = load_module(TEACHERS[cache.teacher], "teacher", str(data.lm_dir() / "teacher.pt"))  # as dumped
         held_out = evaluate(student, data.valid(), teacher=teacher)
         held_out_path.write_text(json.dumps(held_out))
     seconds = [json.loads(line)["seconds"] for line in (run / "metrics.jsonl").read_text().splitlines()]
