@@ -11,7 +11,7 @@ import torch
 import kdcache
 from kdcache.capture.dump import dump
 from kdcache.capture.kinds import Sampled, TopK, parse_logits
-from kdcache.capture.kinds.sample import unique_counts
+from kdcache.losses.targets import unique_counts
 from kdcache.config import DumpConfig
 from kdcache.datasets import digits_train
 from kdcache.errors import ConfigError

@@ -47,6 +47,18 @@ def _map_tensors(obj: _T, fn: Callable[[Tensor], Tensor]) -> _T:
     return new
 
 
+def unique_counts(draws: Tensor) -> tuple[Tensor, Tensor]:
+    """``(R, N)`` draws → (the distinct ids ``(R, N)``, ascending, then padding 0; their counts
+    ``(R, N)``, 0 at padding), vectorized."""
+    ids = draws.sort(dim=-1).values
+    first = torch.ones_like(ids, dtype=torch.bool)  # (R, N): the first draw of each distinct id
+    first[:, 1:] = ids[:, 1:] != ids[:, :-1]
+    slot = first.cumsum(dim=-1) - 1  # (R, N): where each draw's id goes among the distinct ones
+    unique = torch.zeros_like(ids).scatter_(1, slot, ids)  # equal ids write the same value
+    counts = torch.zeros_like(ids).scatter_add_(1, slot, torch.ones_like(ids))
+    return unique, counts
+
+
 def _tensor(owner: str, name: str, value: object) -> Tensor:
     if not isinstance(value, Tensor):
         raise ValueError(f"expected {owner}.{name} to be a torch.Tensor, got {type(value).__name__} instead")
@@ -263,12 +275,8 @@ class SampledTargets:
         log_p = torch.log_softmax(z.reshape(-1, vocab) / temperature, dim=-1)  # (R, V)
         p = log_p.exp()  # (R, V)
         entropy = -(p * log_p.clamp_min(torch.finfo(log_p.dtype).min)).sum(dim=-1)  # (R,), 0 * -inf -> 0
-        drawn = torch.multinomial(p, draws, replacement=True, generator=generator).sort(dim=-1).values  # (R, N)
-        first = torch.ones_like(drawn, dtype=torch.bool)  # (R, N): the first draw of each distinct id
-        first[:, 1:] = drawn[:, 1:] != drawn[:, :-1]
-        slot = first.cumsum(dim=-1) - 1  # (R, N): the slot of each draw's id
-        index = torch.zeros_like(drawn).scatter_(-1, slot, drawn)  # (R, N)
-        count = torch.zeros_like(drawn).scatter_add_(-1, slot, torch.ones_like(drawn))  # (R, N)
+        drawn = torch.multinomial(p, draws, replacement=True, generator=generator)  # (R, N)
+        index, count = unique_counts(drawn)  # (R, N) each
         return cls(
             index.reshape(*lead, draws), count.reshape(*lead, draws), draws, temperature,
             entropy.reshape(lead), vocab,

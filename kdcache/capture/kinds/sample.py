@@ -23,18 +23,8 @@ import torch
 
 from kdcache.capture.kinds.base import Capture, Encoded, Reductions, index_dtype, invalid_rows
 from kdcache.errors import ConfigError
+from kdcache.losses.targets import unique_counts
 from kdcache.store.schema import ArraySpec
-
-
-def unique_counts(draws: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[R, N]`` draws → (ids ``[R, N]`` ascending then padding 0, counts ``[R, N]``), vectorized."""
-    ids, _ = draws.sort(dim=-1)
-    first = torch.ones_like(ids, dtype=torch.bool)
-    first[:, 1:] = ids[:, 1:] != ids[:, :-1]
-    slot = first.cumsum(dim=-1) - 1  # (R, N): where each draw's id goes among the unique ones
-    unique = torch.zeros_like(ids).scatter_(1, slot, ids)  # equal ids write the same value
-    counts = torch.zeros_like(ids).scatter_add_(1, slot, torch.ones_like(ids))
-    return unique, counts
 
 
 class Sampled(Capture):
